@@ -1,0 +1,807 @@
+//! The second phase: checks the merged raw config and builds the immutable [`Config`]. Every
+//! problem is collected with its file and key; nothing stops at the first.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::Engine as _;
+use secrecy::SecretString;
+
+use super::load::{KeyPath, Loaded, Provenance};
+use super::raw::{RawAuth, RawConfig, RawHook, RawRegistry, RawSink, RawWatch};
+use super::*;
+use crate::event::{EventType, Severity, glob_match};
+
+/// Referrer aliases accepted in `require_referrers` besides plain artifact types.
+pub const REFERRER_ALIASES: [&str; 3] = ["signature", "sbom", "provenance"];
+
+struct Ctx<'a> {
+    prov: &'a Provenance,
+    env: HashMap<&'a str, &'a str>,
+    problems: Vec<Problem>,
+    base_dir: PathBuf,
+}
+
+impl Ctx<'_> {
+    fn problem(&mut self, path: &KeyPath, message: impl Into<String>) {
+        let p = self.prov.problem(path, message);
+        self.problems.push(p);
+    }
+
+    /// Reads a secret from `<name>_env` or `<name>_file`; never from the config file itself.
+    fn secret(
+        &mut self,
+        at: &KeyPath,
+        name: &str,
+        env_key: &Option<String>,
+        file_key: &Option<String>,
+    ) -> Option<SecretString> {
+        match (env_key, file_key) {
+            (Some(_), Some(_)) => {
+                self.problem(
+                    &at.clone().key(&format!("{name}_env")),
+                    format!("set only one of {name}_env and {name}_file"),
+                );
+                None
+            }
+            (Some(var), None) => match self.env.get(var.as_str()) {
+                Some(v) if !v.is_empty() => Some(SecretString::from(v.to_string())),
+                _ => {
+                    self.problem(
+                        &at.clone().key(&format!("{name}_env")),
+                        format!("environment variable {var} is not set or empty"),
+                    );
+                    None
+                }
+            },
+            (None, Some(file)) => {
+                let path = self.resolve(file);
+                match std::fs::read_to_string(&path) {
+                    Ok(s) if !s.trim().is_empty() => Some(SecretString::from(
+                        s.trim_end_matches(['\n', '\r']).to_string(),
+                    )),
+                    Ok(_) => {
+                        self.problem(
+                            &at.clone().key(&format!("{name}_file")),
+                            format!("{} is empty", path.display()),
+                        );
+                        None
+                    }
+                    Err(e) => {
+                        self.problem(
+                            &at.clone().key(&format!("{name}_file")),
+                            format!("cannot read {}: {e}", path.display()),
+                        );
+                        None
+                    }
+                }
+            }
+            (None, None) => None,
+        }
+    }
+
+    /// Relative paths in the config are relative to the config file's directory.
+    fn resolve(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base_dir.join(p)
+        }
+    }
+}
+
+pub(crate) fn validate(loaded: Loaded, env: &[(String, String)]) -> Result<Config, ConfigError> {
+    let Loaded {
+        raw,
+        provenance,
+        files,
+        problems,
+    } = loaded;
+    let base_dir = files
+        .first()
+        .and_then(|f| f.parent())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let mut cx = Ctx {
+        prov: &provenance,
+        env: env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect(),
+        problems,
+        base_dir,
+    };
+    let RawConfig {
+        daemon,
+        registries,
+        watch,
+        sink,
+        hooks,
+        otel,
+    } = raw;
+
+    let daemon = validate_daemon(&mut cx, daemon);
+    let registries = registries
+        .into_iter()
+        .filter_map(|(host, r)| {
+            let settings = validate_registry(&mut cx, &host, r)?;
+            Some((host, settings))
+        })
+        .collect();
+    let watches = validate_watches(&mut cx, watch, &daemon.schedule);
+    let sinks = validate_sinks(&mut cx, sink);
+    let hooks = Hooks {
+        acr: validate_hook(&mut cx, "acr", hooks.acr),
+        eventgrid: validate_hook(&mut cx, "eventgrid", hooks.eventgrid),
+    };
+    let root = KeyPath::default().key("otel");
+    if let Some(p) = &otel.protocol
+        && p != "http/protobuf"
+        && p != "grpc"
+    {
+        cx.problem(
+            &root.clone().key("protocol"),
+            format!("unknown protocol {p:?} (expected \"http/protobuf\" or \"grpc\")"),
+        );
+    }
+    if let Some(e) = &otel.endpoint {
+        if url::Url::parse(e)
+            .map(|u| u.scheme().starts_with("http"))
+            .unwrap_or(false)
+        {
+        } else {
+            cx.problem(
+                &root.key("endpoint"),
+                format!("invalid endpoint {e:?} (expected e.g. \"http://127.0.0.1:4318\")"),
+            );
+        }
+    }
+    let otel = Otel {
+        endpoint: otel.endpoint,
+        protocol: otel.protocol,
+    };
+
+    if !cx.problems.is_empty() {
+        return Err(ConfigError::Invalid(cx.problems));
+    }
+    Ok(Config {
+        daemon,
+        registries,
+        watches,
+        sinks,
+        hooks,
+        otel,
+        files,
+    })
+}
+
+fn validate_daemon(cx: &mut Ctx<'_>, d: super::raw::RawDaemon) -> Daemon {
+    let at = KeyPath::default().key("daemon");
+
+    let state_dir = cx.env.get("STATE_DIRECTORY").map(|s| {
+        // systemd may pass several directories separated by colons; the first is ours.
+        PathBuf::from(s.split(':').next().unwrap_or(s))
+    });
+    let state_raw = d.state.unwrap_or_else(|| DEFAULT_STATE.to_string());
+    if state_raw.starts_with("postgres://") || state_raw.starts_with("postgresql://") {
+        cx.problem(
+            &at.clone().key("state"),
+            "PostgreSQL state is not supported by this build; use a SQLite path such as \
+             \"driftwatch.db\"",
+        );
+    }
+    let state = {
+        let p = PathBuf::from(&state_raw);
+        match (&state_dir, p.is_absolute()) {
+            (Some(dir), false) => dir.join(p),
+            _ => p,
+        }
+    };
+
+    let listen_raw = d.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+    let listen = match listen_raw.parse() {
+        Ok(a) => a,
+        Err(_) => {
+            cx.problem(
+                &at.clone().key("listen"),
+                format!("invalid address {listen_raw:?} (expected e.g. \"127.0.0.1:9464\")"),
+            );
+            DEFAULT_LISTEN
+                .parse()
+                .expect("default listen address parses")
+        }
+    };
+
+    let schedule = d.schedule.unwrap_or_else(|| DEFAULT_SCHEDULE.to_string());
+    if let Err(msg) = check_cron(&schedule) {
+        cx.problem(&at.clone().key("schedule"), msg);
+    }
+
+    let concurrency = match d.concurrency {
+        None => DEFAULT_CONCURRENCY,
+        Some(n @ 1..=1024) => n as usize,
+        Some(n) => {
+            cx.problem(
+                &at.clone().key("concurrency"),
+                format!("{n} is out of range 1..=1024"),
+            );
+            DEFAULT_CONCURRENCY
+        }
+    };
+    let failing_after = match d.failing_after {
+        None => DEFAULT_FAILING_AFTER,
+        Some(n @ 1..=1000) => n as u32,
+        Some(n) => {
+            cx.problem(
+                &at.clone().key("failing_after"),
+                format!("{n} is out of range 1..=1000"),
+            );
+            DEFAULT_FAILING_AFTER
+        }
+    };
+    let history_limit = match d.history_limit {
+        None => DEFAULT_HISTORY_LIMIT,
+        Some(n @ 1..=100_000) => n as u32,
+        Some(n) => {
+            cx.problem(
+                &at.clone().key("history_limit"),
+                format!("{n} is out of range 1..=100000"),
+            );
+            DEFAULT_HISTORY_LIMIT
+        }
+    };
+    let request_timeout = match d.request_timeout {
+        None => DEFAULT_REQUEST_TIMEOUT,
+        Some(s) => parse_duration(cx, &at.clone().key("request_timeout"), &s)
+            .unwrap_or(DEFAULT_REQUEST_TIMEOUT),
+    };
+
+    Daemon {
+        state,
+        listen,
+        schedule,
+        concurrency,
+        alert_on_baseline: d.alert_on_baseline.unwrap_or(false),
+        failing_after,
+        history_limit,
+        request_timeout,
+    }
+}
+
+fn parse_duration(cx: &mut Ctx<'_>, at: &KeyPath, s: &str) -> Option<Duration> {
+    match humantime::parse_duration(s) {
+        Ok(d) if !d.is_zero() => Some(d),
+        _ => {
+            cx.problem(
+                at,
+                format!("invalid duration {s:?} (expected e.g. \"30s\" or \"2m\")"),
+            );
+            None
+        }
+    }
+}
+
+/// Checks a six-field cron expression (seconds first), as the scheduler will parse it.
+pub fn check_cron(expr: &str) -> Result<(), String> {
+    let fields = expr.split_whitespace().count();
+    if fields != 6 {
+        return Err(format!(
+            "invalid cron {expr:?}: expected 6 fields (sec min hour day month weekday), \
+             got {fields}; e.g. \"0 */5 * * * *\""
+        ));
+    }
+    croner::parser::CronParser::builder()
+        .seconds(croner::parser::Seconds::Required)
+        .build()
+        .parse(expr)
+        .map(|_| ())
+        .map_err(|e| format!("invalid cron {expr:?}: {e}"))
+}
+
+fn validate_registry(cx: &mut Ctx<'_>, host: &str, r: RawRegistry) -> Option<RegistrySettings> {
+    let at = KeyPath::default().key("registries").key(host);
+    let problems_before = cx.problems.len();
+    if Reference::parse(&format!("{host}/x"))
+        .map(|r| r.registry() != host)
+        .unwrap_or(true)
+    {
+        cx.problem(
+            &at,
+            format!(
+                "{host:?} is not a registry host (expected HOST[:PORT], \
+                 e.g. \"myregistry.azurecr.io\")"
+            ),
+        );
+    }
+    let ca_file = r.ca_file.map(|f| {
+        let p = cx.resolve(&f);
+        match std::fs::read(&p) {
+            Ok(bytes)
+                if reqwest::Certificate::from_pem_bundle(&bytes).is_ok_and(|c| !c.is_empty()) => {}
+            Ok(_) => cx.problem(
+                &at.clone().key("ca_file"),
+                format!("{} holds no PEM certificate", p.display()),
+            ),
+            Err(e) => cx.problem(
+                &at.clone().key("ca_file"),
+                format!("cannot read {}: {e}", p.display()),
+            ),
+        }
+        p
+    });
+    let soft_delete_retention_days = match r.soft_delete_retention_days {
+        None => DEFAULT_SOFT_DELETE_RETENTION_DAYS,
+        Some(n @ 1..=90) => n as u32,
+        Some(n) => {
+            cx.problem(
+                &at.clone().key("soft_delete_retention_days"),
+                format!("{n} is out of range 1..=90 (ACR allows 1 to 90 days)"),
+            );
+            DEFAULT_SOFT_DELETE_RETENTION_DAYS
+        }
+    };
+    let auth = match r.auth {
+        None => Auth::Anonymous,
+        Some(a) => validate_auth(cx, &at.clone().key("auth"), host, a),
+    };
+    let settings = RegistrySettings {
+        insecure: r.insecure.unwrap_or(false),
+        ca_file,
+        soft_delete_retention_days,
+        auth,
+    };
+    (cx.problems.len() == problems_before).then_some(settings)
+}
+
+fn validate_auth(cx: &mut Ctx<'_>, at: &KeyPath, host: &str, a: RawAuth) -> Auth {
+    let method = a.method.clone().unwrap_or_else(|| "anonymous".to_string());
+    let stray = |cx: &mut Ctx<'_>, allowed: &[&str]| {
+        let set: [(&str, bool); 12] = [
+            ("username", a.username.is_some()),
+            ("password_env", a.password_env.is_some()),
+            ("password_file", a.password_file.is_some()),
+            ("config_file", a.config_file.is_some()),
+            ("tenant_id", a.tenant_id.is_some()),
+            ("client_id", a.client_id.is_some()),
+            ("client_secret_env", a.client_secret_env.is_some()),
+            ("client_secret_file", a.client_secret_file.is_some()),
+            (
+                "client_certificate_file",
+                a.client_certificate_file.is_some(),
+            ),
+            ("authority_host", a.authority_host.is_some()),
+            ("imds_endpoint", a.imds_endpoint.is_some()),
+            ("federated_token_file", a.federated_token_file.is_some()),
+        ];
+        for (key, present) in set {
+            if present && !allowed.contains(&key) {
+                cx.problem(
+                    &at.clone().key(key),
+                    format!("not used by auth method {method:?}"),
+                );
+            }
+        }
+    };
+    match method.as_str() {
+        "anonymous" => {
+            stray(cx, &[]);
+            Auth::Anonymous
+        }
+        "basic" => {
+            stray(cx, &["username", "password_env", "password_file"]);
+            let password = cx.secret(at, "password", &a.password_env, &a.password_file);
+            if a.password_env.is_none() && a.password_file.is_none() {
+                cx.problem(
+                    &at.clone().key("password_env"),
+                    "basic auth needs password_env = \"VAR\" or password_file = \"/run/secrets/…\"",
+                );
+            }
+            match (a.username, password) {
+                (Some(username), Some(password)) => Auth::Basic { username, password },
+                (None, _) => {
+                    cx.problem(&at.clone().key("username"), "basic auth needs a username");
+                    Auth::Anonymous
+                }
+                _ => Auth::Anonymous,
+            }
+        }
+        "docker-config" => {
+            stray(cx, &["config_file"]);
+            let path = match &a.config_file {
+                Some(f) => cx.resolve(f),
+                None => default_docker_config(&cx.env),
+            };
+            match docker_config_credentials(&path, host) {
+                Ok((username, password)) => Auth::Basic { username, password },
+                Err(msg) => {
+                    cx.problem(&at.clone().key("config_file"), msg);
+                    Auth::Anonymous
+                }
+            }
+        }
+        "acr-aad" | "azure-managed-identity" | "azure-workload-identity" => {
+            cx.problem(
+                &at.clone().key("method"),
+                format!(
+                    "auth method {method:?} is not supported by this build yet; use \"basic\" \
+                     with an ACR token or service principal password meanwhile"
+                ),
+            );
+            Auth::Anonymous
+        }
+        other => {
+            cx.problem(
+                &at.clone().key("method"),
+                format!(
+                    "unknown auth method {other:?} (expected anonymous, basic, acr-aad, \
+                     azure-managed-identity, azure-workload-identity or docker-config)"
+                ),
+            );
+            Auth::Anonymous
+        }
+    }
+}
+
+fn default_docker_config(env: &HashMap<&str, &str>) -> PathBuf {
+    match (env.get("DOCKER_CONFIG"), env.get("HOME")) {
+        (Some(dir), _) => Path::new(dir).join("config.json"),
+        (None, Some(home)) => Path::new(home).join(".docker/config.json"),
+        (None, None) => PathBuf::from(".docker/config.json"),
+    }
+}
+
+/// Reads `auths` credentials for `host` from a docker `config.json`.
+fn docker_config_credentials(path: &Path, host: &str) -> Result<(String, SecretString), String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read docker config {}: {e}", path.display()))?;
+    let doc: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| format!("docker config {} is not valid JSON: {e}", path.display()))?;
+    let auths = doc.get("auths").and_then(|a| a.as_object());
+    let entry = auths.and_then(|auths| {
+        auths.iter().find_map(|(key, v)| {
+            let k = key
+                .trim_start_matches("https://")
+                .trim_start_matches("http://");
+            let k = k.split('/').next().unwrap_or(k);
+            let same = k == host
+                || (host == crate::model::reference::DOCKER_HUB
+                    && (k == "index.docker.io" || k == "registry-1.docker.io"));
+            same.then_some(v)
+        })
+    });
+    let Some(entry) = entry else {
+        let helper = doc.get("credHelpers").and_then(|h| h.get(host)).is_some()
+            || doc.get("credsStore").is_some();
+        return Err(if helper {
+            format!(
+                "{} keeps credentials for {host} in a credential helper, which driftwatch does \
+                 not run; use method = \"basic\" with password_file",
+                path.display()
+            )
+        } else {
+            format!("{} has no auths entry for {host}", path.display())
+        });
+    };
+    if let Some(auth) = entry
+        .get("auth")
+        .and_then(|a| a.as_str())
+        .filter(|a| !a.is_empty())
+    {
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(auth.trim())
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok())
+            .ok_or_else(|| format!("{}: auths.{host}.auth is not base64", path.display()))?;
+        let (user, pass) = decoded
+            .split_once(':')
+            .ok_or_else(|| format!("{}: auths.{host}.auth is not user:password", path.display()))?;
+        return Ok((user.to_string(), SecretString::from(pass.to_string())));
+    }
+    match (
+        entry.get("username").and_then(|u| u.as_str()),
+        entry.get("password").and_then(|p| p.as_str()),
+    ) {
+        (Some(u), Some(p)) => Ok((u.to_string(), SecretString::from(p.to_string()))),
+        _ => Err(format!(
+            "{}: auths.{host} has neither auth nor username/password",
+            path.display()
+        )),
+    }
+}
+
+fn validate_watches(cx: &mut Ctx<'_>, raw: Vec<RawWatch>, default_schedule: &str) -> Vec<Watch> {
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    let mut out = Vec::new();
+    for (i, w) in raw.into_iter().enumerate() {
+        let at = KeyPath::default().key("watch").index(i);
+        let before = cx.problems.len();
+
+        let reference = match &w.image {
+            None => {
+                cx.problem(
+                    &at.clone().key("image"),
+                    "missing (e.g. image = \"registry.example.com/team/api:prod\")",
+                );
+                None
+            }
+            Some(image) => match Reference::parse(image) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    cx.problem(&at.clone().key("image"), e.to_string());
+                    None
+                }
+            },
+        };
+        let name = match (&w.name, &reference) {
+            (Some(n), _) if n.trim().is_empty() => {
+                cx.problem(&at.clone().key("name"), "must not be empty");
+                String::new()
+            }
+            (Some(n), _) => n.clone(),
+            (None, Some(r)) => r.to_string(),
+            (None, None) => String::new(),
+        };
+        if !name.is_empty() {
+            if let Some(first) = seen.get(&name) {
+                cx.problem(
+                    &at.clone().key("name"),
+                    format!("duplicate watch name {name:?} (first used by watch number {first})"),
+                );
+            } else {
+                seen.insert(name.clone(), i);
+            }
+        }
+        // An inherited schedule was checked (and reported) once, under [daemon].
+        if let Some(Err(msg)) = w.schedule.as_deref().map(check_cron) {
+            cx.problem(&at.clone().key("schedule"), msg);
+        }
+        let schedule = w.schedule.unwrap_or_else(|| default_schedule.to_string());
+        let platforms = w.platforms.unwrap_or_default();
+        for (j, p) in platforms.iter().enumerate() {
+            let parts: Vec<&str> = p.split('/').collect();
+            if !(2..=3).contains(&parts.len()) || parts.iter().any(|s| s.is_empty()) {
+                cx.problem(
+                    &at.clone().key("platforms").index(j),
+                    format!(
+                        "invalid platform {p:?} (expected os/arch[/variant], e.g. \"linux/arm64\")"
+                    ),
+                );
+            }
+        }
+        let require_referrers = w.require_referrers.unwrap_or_default();
+        for (j, t) in require_referrers.iter().enumerate() {
+            if !REFERRER_ALIASES.contains(&t.as_str()) && !t.contains('/') {
+                cx.problem(
+                    &at.clone().key("require_referrers").index(j),
+                    format!(
+                        "{t:?} is neither an alias (signature, sbom, provenance) nor an artifact \
+                         type such as \"application/spdx+json\""
+                    ),
+                );
+            }
+        }
+        if let (Some(r), false) = (reference, cx.problems.len() > before) {
+            out.push(Watch {
+                name,
+                reference: r,
+                schedule,
+                platforms,
+                referrers: w.referrers.unwrap_or(false),
+                require_referrers,
+                labels: w.labels.unwrap_or_default(),
+            });
+        }
+    }
+    out
+}
+
+fn validate_sinks(cx: &mut Ctx<'_>, raw: Vec<RawSink>) -> Vec<Sink> {
+    let mut seen = BTreeMap::new();
+    let mut out = Vec::new();
+    for (i, s) in raw.into_iter().enumerate() {
+        let at = KeyPath::default().key("sink").index(i);
+        let before = cx.problems.len();
+        let name = match &s.name {
+            Some(n) if !n.trim().is_empty() => n.clone(),
+            _ => {
+                cx.problem(
+                    &at.clone().key("name"),
+                    "missing (e.g. name = \"sre-hook\")",
+                );
+                String::new()
+            }
+        };
+        if !name.is_empty() && seen.insert(name.clone(), i).is_some() {
+            cx.problem(
+                &at.clone().key("name"),
+                format!("duplicate sink name {name:?}"),
+            );
+        }
+        if let Some(events) = &s.events {
+            for (j, pattern) in events.iter().enumerate() {
+                let short = pattern
+                    .strip_prefix(crate::event::TYPE_PREFIX)
+                    .unwrap_or(pattern);
+                if !EventType::ALL.iter().any(|t| glob_match(short, t.short())) {
+                    cx.problem(
+                        &at.clone().key("events").index(j),
+                        format!(
+                            "{pattern:?} matches no event type (e.g. \"tag.*\", \"digest.deleted\")"
+                        ),
+                    );
+                }
+            }
+        }
+        let min_severity = match s.min_severity.as_deref().map(str::parse::<Severity>) {
+            None => Severity::Info,
+            Some(Ok(sev)) => sev,
+            Some(Err(msg)) => {
+                cx.problem(&at.clone().key("min_severity"), msg);
+                Severity::Info
+            }
+        };
+        let kind = match s.kind.as_deref() {
+            Some("webhook") => validate_webhook(cx, &at, &s),
+            Some("email") => validate_email(cx, &at, &s),
+            Some(other) => {
+                cx.problem(
+                    &at.clone().key("type"),
+                    format!("unknown sink type {other:?} (expected \"webhook\" or \"email\")"),
+                );
+                None
+            }
+            None => {
+                cx.problem(
+                    &at.clone().key("type"),
+                    "missing (\"webhook\" or \"email\")",
+                );
+                None
+            }
+        };
+        if let (Some(kind), false) = (kind, cx.problems.len() > before) {
+            out.push(Sink {
+                name,
+                kind,
+                events: s.events.map(|e| {
+                    e.into_iter()
+                        .map(|p| {
+                            p.strip_prefix(crate::event::TYPE_PREFIX)
+                                .unwrap_or(&p)
+                                .to_string()
+                        })
+                        .collect()
+                }),
+                min_severity,
+                labels: s.labels.unwrap_or_default(),
+            });
+        }
+    }
+    out
+}
+
+fn validate_webhook(cx: &mut Ctx<'_>, at: &KeyPath, s: &RawSink) -> Option<SinkKind> {
+    for (key, set) in [
+        ("smtp", s.smtp.is_some()),
+        ("from", s.from.is_some()),
+        ("to", s.to.is_some()),
+    ] {
+        if set {
+            cx.problem(&at.clone().key(key), "only used by email sinks");
+        }
+    }
+    let url = match s.url.as_deref().map(url::Url::parse) {
+        Some(Ok(u)) if matches!(u.scheme(), "http" | "https") => Some(u),
+        Some(_) => {
+            cx.problem(
+                &at.clone().key("url"),
+                "invalid URL (expected e.g. \"https://hooks.example.com/driftwatch\")",
+            );
+            None
+        }
+        None => {
+            cx.problem(
+                &at.clone().key("url"),
+                "missing (e.g. url = \"https://hooks.example.com/driftwatch\")",
+            );
+            None
+        }
+    };
+    let secret = cx.secret(at, "secret", &s.secret_env, &s.secret_file);
+    if let Some(secret) = &secret {
+        use secrecy::ExposeSecret as _;
+        let key = secret
+            .expose_secret()
+            .strip_prefix("whsec_")
+            .unwrap_or(secret.expose_secret());
+        if base64::engine::general_purpose::STANDARD
+            .decode(key)
+            .is_err()
+        {
+            cx.problem(
+                &at.clone().key(if s.secret_env.is_some() {
+                    "secret_env"
+                } else {
+                    "secret_file"
+                }),
+                "the secret is not a Standard Webhooks secret (whsec_ followed by base64)",
+            );
+        }
+    }
+    Some(SinkKind::Webhook { url: url?, secret })
+}
+
+fn validate_email(cx: &mut Ctx<'_>, at: &KeyPath, s: &RawSink) -> Option<SinkKind> {
+    for (key, set) in [
+        ("url", s.url.is_some()),
+        ("secret_env", s.secret_env.is_some()),
+        ("secret_file", s.secret_file.is_some()),
+    ] {
+        if set {
+            cx.problem(&at.clone().key(key), "only used by webhook sinks");
+        }
+    }
+    let smtp = match s.smtp.as_deref().map(url::Url::parse) {
+        Some(Ok(u)) if matches!(u.scheme(), "smtp" | "smtps") && u.host().is_some() => Some(u),
+        Some(_) => {
+            cx.problem(
+                &at.clone().key("smtp"),
+                "invalid relay (expected e.g. \"smtp://127.0.0.1:2525\" or \
+                 \"smtps://mail.example.com\")",
+            );
+            None
+        }
+        None => {
+            cx.problem(
+                &at.clone().key("smtp"),
+                "missing (e.g. smtp = \"smtp://127.0.0.1:2525\")",
+            );
+            None
+        }
+    };
+    let from = match &s.from {
+        Some(f) if f.contains('@') => Some(f.clone()),
+        _ => {
+            cx.problem(
+                &at.clone().key("from"),
+                "missing or not an address (e.g. \"driftwatch@example.com\")",
+            );
+            None
+        }
+    };
+    let to = s.to.clone().unwrap_or_default();
+    if to.is_empty() {
+        cx.problem(&at.clone().key("to"), "needs at least one recipient");
+    }
+    for (j, addr) in to.iter().enumerate() {
+        if !addr.contains('@') {
+            cx.problem(
+                &at.clone().key("to").index(j),
+                format!("{addr:?} is not an address"),
+            );
+        }
+    }
+    let batch_window = match &s.batch_window {
+        None => DEFAULT_BATCH_WINDOW,
+        Some(w) => {
+            parse_duration(cx, &at.clone().key("batch_window"), w).unwrap_or(DEFAULT_BATCH_WINDOW)
+        }
+    };
+    Some(SinkKind::Email {
+        smtp: smtp?,
+        from: from?,
+        to,
+        batch_window,
+    })
+}
+
+fn validate_hook(cx: &mut Ctx<'_>, name: &str, hook: Option<RawHook>) -> Option<SecretString> {
+    let hook = hook?;
+    let at = KeyPath::default().key("hooks").key(name);
+    let secret = cx.secret(&at, "secret", &hook.secret_env, &hook.secret_file);
+    if hook.secret_env.is_none() && hook.secret_file.is_none() {
+        cx.problem(
+            &at.key("secret_env"),
+            "an inbound hook needs secret_env or secret_file",
+        );
+    }
+    secret
+}

@@ -1,0 +1,231 @@
+//! One check cycle over a set of watches: load their stored state, resolve every distinct
+//! target once, diff, and commit resolutions, events and outbox rows.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use chrono::Utc;
+use tokio::task::JoinSet;
+use tracing::Instrument as _;
+
+use crate::alert;
+use crate::config::{Config, Watch};
+use crate::diff::{self, Outcome, Policy};
+use crate::event::{DetectedBy, Envelope, EnvelopeContext};
+use crate::model::{Digest, ManifestEvidence, Observation, Reference, Resolution};
+use crate::registry::{Registries, RegistryError};
+use crate::resolve;
+use crate::store::{CheckRecord, Store, StoreError, StoredEvent};
+
+/// How one watch's check ended.
+#[derive(Debug, Clone)]
+pub struct WatchOutcome {
+    /// The watch.
+    pub name: String,
+    /// The digest it resolved to, when the check succeeded and it exists.
+    pub digest: Option<Digest>,
+    /// Why the check failed, with the whole cause chain.
+    pub error: Option<String>,
+}
+
+/// What a cycle did.
+#[derive(Debug, Default)]
+pub struct CycleReport {
+    /// Every stored event, in storage order.
+    pub events: Vec<Envelope>,
+    /// Each watch's outcome, in the order given.
+    pub watches: Vec<WatchOutcome>,
+}
+
+/// Options of one cycle.
+#[derive(Debug, Clone, Copy)]
+pub struct CycleOptions {
+    /// Whether events get outbox rows for their sinks.
+    pub route_alerts: bool,
+    /// Poll or webhook.
+    pub detected_by: DetectedBy,
+}
+
+/// Runs one cycle over `watches`. Fails only when the store does; registry trouble is a
+/// per-watch outcome.
+pub async fn run_cycle(
+    config: &Config,
+    registries: &Arc<Registries>,
+    store: &Store,
+    watches: &[&Watch],
+    options: CycleOptions,
+) -> Result<CycleReport, StoreError> {
+    let keys = watches
+        .iter()
+        .map(|w| (w.name.clone(), w.reference.to_string()))
+        .collect();
+    let states = store.load_states(keys).await?;
+
+    // The same tag or digest named by several watches is looked up once. Stored evidence for
+    // each target lets an unchanged one cost a single HEAD.
+    let mut targets: HashMap<Reference, Option<ManifestEvidence>> = HashMap::new();
+    for w in watches {
+        let last = states.get(&w.name).and_then(|s| s.last.as_ref());
+        let known_tag = last
+            .and_then(|l| l.tag.as_ref())
+            .and_then(Observation::evidence);
+        let known_pin = last
+            .and_then(|l| l.pinned.as_ref())
+            .and_then(Observation::evidence);
+        for (target, known) in [
+            (w.reference.tag_only(), known_tag),
+            (w.reference.digest_only(), known_pin),
+        ] {
+            if let Some(t) = target {
+                let slot = targets.entry(t).or_insert(None);
+                if slot.is_none() {
+                    *slot = known.cloned();
+                }
+            }
+        }
+    }
+
+    let mut tasks = JoinSet::new();
+    for (target, known) in targets {
+        let registries = registries.clone();
+        let span = tracing::debug_span!("resolve", image.ref = %target);
+        tasks.spawn(
+            async move {
+                let result = resolve::observe(&registries, &target, known.as_ref()).await;
+                (target, result.map_err(Arc::new))
+            }
+            .instrument(span),
+        );
+    }
+    let mut observed: HashMap<Reference, Result<Observation, Arc<RegistryError>>> = HashMap::new();
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok((target, result)) => {
+                observed.insert(target, result);
+            }
+            Err(e) => tracing::error!(cause = %e, "a resolve task panicked"),
+        }
+    }
+
+    let source = crate::event::source_for_host();
+    let now = Utc::now();
+    let mut report = CycleReport::default();
+    let mut records = Vec::with_capacity(watches.len());
+    for w in watches {
+        let span =
+            tracing::debug_span!("check_watch", watch.name = %w.name, image.ref = %w.reference);
+        let _enter = span.enter();
+        let outcome = assemble(w, &observed, now);
+        let error = match &outcome {
+            Outcome::Failed { reason } => {
+                tracing::warn!(watch = %w.name, cause = %reason, "check failed");
+                Some(reason.clone())
+            }
+            Outcome::Resolved(_) => None,
+        };
+        let prev = states.get(&w.name).cloned().unwrap_or_default();
+        let d = diff::diff(&policy(w, config), &prev, outcome);
+
+        let ctx = EnvelopeContext {
+            source: &source,
+            watch: &w.name,
+            registry: w.reference.registry(),
+            repository: w.reference.repository(),
+            tag: w.reference.tag(),
+            labels: &w.labels,
+            detected_by: options.detected_by,
+            time: now,
+        };
+        let mut events = Vec::with_capacity(d.changes.len());
+        for change in d.changes {
+            let envelope = Envelope::new(change, &ctx);
+            let sinks = if options.route_alerts {
+                alert::route(config, &envelope, d.baseline)
+            } else {
+                Vec::new()
+            };
+            tracing::debug!(watch = %w.name, event.type = %envelope.kind, "event");
+            report.events.push(envelope.clone());
+            events.push(StoredEvent {
+                envelope,
+                baseline: d.baseline,
+                sinks,
+            });
+        }
+        report.watches.push(WatchOutcome {
+            name: w.name.clone(),
+            digest: d
+                .next
+                .last
+                .as_ref()
+                .and_then(Resolution::digest)
+                .cloned()
+                .filter(|_| error.is_none()),
+            error: error.clone(),
+        });
+        records.push(CheckRecord {
+            watch: w.name.clone(),
+            reference: w.reference.to_string(),
+            checked_at: now,
+            outcome: if error.is_some() { "failed" } else { "ok" },
+            error,
+            new_resolution: d.resolution_changed,
+            state: d.next,
+            events,
+        });
+    }
+    store.commit(records, config.daemon.history_limit).await?;
+    Ok(report)
+}
+
+fn policy(w: &Watch, config: &Config) -> Policy {
+    Policy {
+        tag_subject: w.reference.tag_only().map(|r| r.to_string()),
+        pin_subject: w.reference.digest_only().map(|r| r.to_string()),
+        pinned: w.reference.digest().cloned(),
+        platforms: w.platforms.clone(),
+        failing_after: config.daemon.failing_after,
+    }
+}
+
+/// Puts a watch's resolution together from the targets it names; any failed lookup fails the
+/// whole check, so that state only ever moves on complete, authoritative answers.
+fn assemble(
+    w: &Watch,
+    observed: &HashMap<Reference, Result<Observation, Arc<RegistryError>>>,
+    now: chrono::DateTime<Utc>,
+) -> Outcome {
+    let lookup = |target: Option<Reference>| -> Result<Option<Observation>, String> {
+        let Some(t) = target else { return Ok(None) };
+        match observed.get(&t) {
+            Some(Ok(o)) => Ok(Some(o.clone())),
+            Some(Err(e)) => Err(error_chain(e.as_ref())),
+            None => Err("the lookup did not complete".to_string()),
+        }
+    };
+    let tag = lookup(w.reference.tag_only());
+    let pinned = lookup(w.reference.digest_only());
+    match (tag, pinned) {
+        (Ok(tag), Ok(pinned)) => Outcome::Resolved(Resolution {
+            time: now,
+            tag,
+            pinned,
+        }),
+        (Err(reason), _) | (_, Err(reason)) => Outcome::Failed { reason },
+    }
+}
+
+/// An error and its causes, `outer: inner: innermost`.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let text = c.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        cur = c.source();
+    }
+    s
+}

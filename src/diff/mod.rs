@@ -1,0 +1,309 @@
+//! The differ: a pure function from the stored state of a watch and the outcome of a check to
+//! the events that outcome means and the state to store next. No I/O, no clock.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::event::{Change, EventType, StateSummary};
+use crate::model::{Digest, ManifestEvidence, Observation, Platform, Resolution};
+
+/// What the differ needs to know about a watch.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// The tag reference (`HOST/REPO:TAG`), for a watch that names a tag.
+    pub tag_subject: Option<String>,
+    /// The pinned reference (`HOST/REPO@DIGEST`), for a watch that names a digest.
+    pub pin_subject: Option<String>,
+    /// The pinned digest.
+    pub pinned: Option<Digest>,
+    /// Platforms the watch is limited to (`os/arch[/variant]`); empty means all.
+    pub platforms: Vec<String>,
+    /// Consecutive failures before `check.failing`.
+    pub failing_after: u32,
+}
+
+/// The stored state of a watch between checks.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WatchState {
+    /// The last successful resolution.
+    pub last: Option<Resolution>,
+    /// Failed checks since the last success.
+    pub consecutive_failures: u32,
+    /// Whether `check.failing` has been raised and not yet recovered.
+    pub failing: bool,
+}
+
+/// What a check produced.
+// Observations are nearly always the large variant; boxing it would add an allocation
+// per lookup and buy nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// The registry gave authoritative answers.
+    Resolved(Resolution),
+    /// The check could not be completed (auth, network, 5xx, bad body).
+    Failed {
+        /// Why, for the event detail.
+        reason: String,
+    },
+}
+
+/// The differ's answer.
+#[derive(Debug, Clone)]
+pub struct Diff {
+    /// Events, in the order they should be stored and delivered.
+    pub changes: Vec<Change>,
+    /// The state to store.
+    pub next: WatchState,
+    /// Whether `next.last` differs from the stored resolution in substance (a new digest, a
+    /// presence change), so that a new history row is worth writing.
+    pub resolution_changed: bool,
+    /// Whether this was the watch's first resolution.
+    pub baseline: bool,
+}
+
+/// Compares a check's outcome with the stored state.
+pub fn diff(policy: &Policy, prev: &WatchState, outcome: Outcome) -> Diff {
+    let subject = policy
+        .tag_subject
+        .clone()
+        .or(policy.pin_subject.clone())
+        .unwrap_or_default();
+    match outcome {
+        // A failure never touches the stored resolution: only authoritative answers may.
+        Outcome::Failed { reason } => {
+            let failures = prev.consecutive_failures.saturating_add(1);
+            let mut changes = Vec::new();
+            let raise = !prev.failing && failures >= policy.failing_after;
+            if raise {
+                let mut c = Change::new(EventType::CheckFailing, &subject);
+                c.detail = json!({"consecutive_failures": failures, "reason": reason});
+                changes.push(c);
+            }
+            Diff {
+                changes,
+                next: WatchState {
+                    last: prev.last.clone(),
+                    consecutive_failures: failures,
+                    failing: prev.failing || raise,
+                },
+                resolution_changed: false,
+                baseline: false,
+            }
+        }
+        Outcome::Resolved(mut res) => {
+            let mut changes = Vec::new();
+            if prev.failing {
+                let mut c = Change::new(EventType::CheckRecovered, &subject);
+                c.detail = json!({"after_failures": prev.consecutive_failures});
+                changes.push(c);
+            }
+            let last = prev.last.as_ref();
+            remember_last_digest(&mut res.tag, last.and_then(|l| l.tag.as_ref()));
+            remember_last_digest(&mut res.pinned, last.and_then(|l| l.pinned.as_ref()));
+
+            if let (Some(subject), Some(cur)) = (&policy.tag_subject, &res.tag) {
+                let pin = res.pinned.as_ref().and_then(Observation::evidence);
+                tag_changes(
+                    policy,
+                    subject,
+                    last.and_then(|l| l.tag.as_ref()),
+                    cur,
+                    pin,
+                    &mut changes,
+                );
+            }
+            if let (Some(subject), Some(cur)) = (&policy.pin_subject, &res.pinned) {
+                pin_changes(
+                    subject,
+                    last.and_then(|l| l.pinned.as_ref()),
+                    cur,
+                    &mut changes,
+                );
+            }
+
+            let resolution_changed = match last {
+                None => true,
+                Some(l) => !same(&l.tag, &res.tag) || !same(&l.pinned, &res.pinned),
+            };
+            Diff {
+                changes,
+                baseline: last.is_none(),
+                next: WatchState {
+                    last: Some(res),
+                    consecutive_failures: 0,
+                    failing: false,
+                },
+                resolution_changed,
+            }
+        }
+    }
+}
+
+/// An absent observation keeps the digest that was last seen there, so that a later
+/// reappearance can be told apart from a first appearance.
+fn remember_last_digest(cur: &mut Option<Observation>, prev: Option<&Observation>) {
+    if let Some(Observation::Absent { last_digest, .. }) = cur {
+        *last_digest = match prev {
+            Some(Observation::Present(p)) => Some(p.digest.clone()),
+            Some(Observation::Absent { last_digest, .. }) => last_digest.clone(),
+            None => None,
+        };
+    }
+}
+
+fn same(a: &Option<Observation>, b: &Option<Observation>) -> bool {
+    match (a, b) {
+        (Some(Observation::Present(x)), Some(Observation::Present(y))) => {
+            x.digest == y.digest && x.referrers == y.referrers
+        }
+        (Some(Observation::Absent { .. }), Some(Observation::Absent { .. })) => true,
+        (None, None) => true,
+        _ => false,
+    }
+}
+
+fn change(
+    kind: EventType,
+    subject: &str,
+    previous: Option<&ManifestEvidence>,
+    current: Option<&ManifestEvidence>,
+) -> Change {
+    let mut c = Change::new(kind, subject);
+    c.previous = previous.map(StateSummary::from);
+    c.current = current.map(StateSummary::from);
+    c
+}
+
+fn tag_changes(
+    policy: &Policy,
+    subject: &str,
+    prev: Option<&Observation>,
+    cur: &Observation,
+    pin: Option<&ManifestEvidence>,
+    out: &mut Vec<Change>,
+) {
+    let pinned = policy.pinned.as_ref();
+    match (prev, cur) {
+        (None, Observation::Present(c)) => {
+            out.push(change(EventType::TagCreated, subject, None, Some(c)));
+            if let Some(p) = pinned.filter(|p| **p != c.digest) {
+                let mut d = change(EventType::TagDiverged, subject, pin, Some(c));
+                d.detail = json!({"pinned": p, "tag_digest": c.digest});
+                out.push(d);
+            }
+        }
+        (Some(Observation::Present(p)), Observation::Present(c)) if p.digest != c.digest => {
+            let (added, removed, changed) =
+                platform_diff(&p.platforms, &c.platforms, &policy.platforms);
+            let filtered_index = !policy.platforms.is_empty() && p.is_index() && c.is_index();
+            // With a platform filter, an index that changed only in platforms nobody watches
+            // is recorded but not reported as a move.
+            let relevant =
+                !filtered_index || !added.is_empty() || !removed.is_empty() || !changed.is_empty();
+            if let Some(pd) = pinned.filter(|pd| **pd == p.digest) {
+                let mut d = change(EventType::TagDiverged, subject, pin.or(Some(p)), Some(c));
+                d.detail = json!({"pinned": pd, "tag_digest": c.digest});
+                out.push(d);
+            } else if relevant {
+                let mut m = change(EventType::TagMoved, subject, Some(p), Some(c));
+                m.detail = json!({"from": p.digest, "to": c.digest});
+                if let Some(pd) = pinned {
+                    m.detail["converged"] = json!(*pd == c.digest);
+                }
+                out.push(m);
+            }
+            if p.is_index() && c.is_index() && (!added.is_empty() || !removed.is_empty()) {
+                let mut pc = change(EventType::PlatformsChanged, subject, Some(p), Some(c));
+                pc.detail = json!({"added": added, "removed": removed, "changed": changed});
+                out.push(pc);
+            }
+        }
+        (Some(Observation::Present(p)), Observation::Absent { code, .. }) => {
+            let mut c = change(EventType::TagDeleted, subject, Some(p), None);
+            c.detail = json!({"code": code});
+            out.push(c);
+        }
+        (Some(Observation::Absent { last_digest, .. }), Observation::Present(c)) => {
+            match last_digest {
+                Some(last) => {
+                    let mut r = change(EventType::TagRestored, subject, None, Some(c));
+                    r.detail = json!({"last_digest": last, "same_digest": *last == c.digest});
+                    out.push(r);
+                }
+                None => out.push(change(EventType::TagCreated, subject, None, Some(c))),
+            }
+        }
+        _ => {}
+    }
+}
+
+fn pin_changes(
+    subject: &str,
+    prev: Option<&Observation>,
+    cur: &Observation,
+    out: &mut Vec<Change>,
+) {
+    match (prev, cur) {
+        (None | Some(Observation::Present(_)), Observation::Absent { code, .. }) => {
+            let mut c = change(
+                EventType::DigestDeleted,
+                subject,
+                prev.and_then(Observation::evidence),
+                None,
+            );
+            c.detail = json!({"code": code, "soft_delete": null});
+            out.push(c);
+        }
+        (Some(Observation::Absent { .. }), Observation::Present(c)) => {
+            out.push(change(EventType::DigestRestored, subject, None, Some(c)));
+        }
+        _ => {}
+    }
+}
+
+fn platform_matches(filter: &str, p: &Platform) -> bool {
+    let mut parts = filter.split('/');
+    let (os, arch, variant) = (parts.next(), parts.next(), parts.next());
+    os == Some(p.os.as_str())
+        && arch == Some(p.architecture.as_str())
+        && variant.is_none_or(|v| p.variant.as_deref() == Some(v))
+}
+
+type PlatformDiff = (Vec<Platform>, Vec<Platform>, Vec<serde_json::Value>);
+
+/// Platforms added, removed, and changed (same platform, another child digest), limited to
+/// the watch's platform filter when it has one.
+fn platform_diff(prev: &[Platform], cur: &[Platform], filter: &[String]) -> PlatformDiff {
+    let keep = |p: &&Platform| filter.is_empty() || filter.iter().any(|f| platform_matches(f, p));
+    let index = |ps: &[Platform]| -> BTreeMap<String, Platform> {
+        ps.iter()
+            .filter(keep)
+            .map(|p| (p.key(), p.clone()))
+            .collect()
+    };
+    let (before, after) = (index(prev), index(cur));
+    let added = after
+        .iter()
+        .filter(|(k, _)| !before.contains_key(*k))
+        .map(|(_, p)| p.clone())
+        .collect();
+    let removed = before
+        .iter()
+        .filter(|(k, _)| !after.contains_key(*k))
+        .map(|(_, p)| p.clone())
+        .collect();
+    let changed = before
+        .iter()
+        .filter_map(|(k, b)| {
+            let a = after.get(k)?;
+            (a.digest != b.digest).then(|| json!({"platform": k, "from": b.digest, "to": a.digest}))
+        })
+        .collect();
+    (added, removed, changed)
+}
+
+#[cfg(test)]
+mod tests;

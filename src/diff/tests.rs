@@ -1,0 +1,328 @@
+//! Table-driven tests of every transition the differ knows.
+
+use chrono::{TimeZone, Utc};
+
+use super::*;
+use crate::model::ObtainedBy;
+use crate::registry::manifest::{OCI_INDEX, OCI_MANIFEST};
+
+fn dg(c: char) -> Digest {
+    Digest::parse(&format!("sha256:{}", c.to_string().repeat(64))).unwrap()
+}
+
+fn image(c: char) -> Observation {
+    Observation::Present(ManifestEvidence {
+        digest: dg(c),
+        media_type: OCI_MANIFEST.into(),
+        size: 100,
+        platforms: vec![],
+        attestations: vec![],
+        config: None,
+        layers: vec![],
+        annotations: Default::default(),
+        artifact_type: None,
+        subject: None,
+        referrers: vec![],
+        obtained_by: ObtainedBy::Get,
+    })
+}
+
+fn index(c: char, platforms: &[(&str, char)]) -> Observation {
+    let Observation::Present(mut e) = image(c) else {
+        unreachable!()
+    };
+    e.media_type = OCI_INDEX.into();
+    e.platforms = platforms
+        .iter()
+        .map(|(key, d)| {
+            let mut parts = key.split('/');
+            Platform {
+                os: parts.next().unwrap().into(),
+                architecture: parts.next().unwrap().into(),
+                variant: parts.next().map(Into::into),
+                digest: dg(*d),
+            }
+        })
+        .collect();
+    Observation::Present(e)
+}
+
+fn absent() -> Observation {
+    Observation::Absent {
+        code: "MANIFEST_UNKNOWN".into(),
+        last_digest: None,
+    }
+}
+
+fn res(tag: Option<Observation>, pinned: Option<Observation>) -> Resolution {
+    Resolution {
+        time: Utc.timestamp_opt(1_700_000_000, 0).unwrap(),
+        tag,
+        pinned,
+    }
+}
+
+fn tag_policy() -> Policy {
+    Policy {
+        tag_subject: Some("r.io/team/api:prod".into()),
+        pin_subject: None,
+        pinned: None,
+        platforms: vec![],
+        failing_after: 3,
+    }
+}
+
+fn pin_policy() -> Policy {
+    Policy {
+        tag_subject: None,
+        pin_subject: Some(format!("r.io/team/api@{}", dg('a'))),
+        pinned: Some(dg('a')),
+        platforms: vec![],
+        failing_after: 3,
+    }
+}
+
+fn both_policy() -> Policy {
+    Policy {
+        tag_subject: Some("r.io/team/api:prod".into()),
+        ..pin_policy()
+    }
+}
+
+fn state(last: Option<Resolution>) -> WatchState {
+    WatchState {
+        last,
+        consecutive_failures: 0,
+        failing: false,
+    }
+}
+
+fn kinds(d: &Diff) -> Vec<&'static str> {
+    d.changes.iter().map(|c| c.kind.short()).collect()
+}
+
+#[test]
+fn tag_transitions() {
+    type Case = (
+        &'static str,
+        Option<Observation>,
+        Observation,
+        &'static [&'static str],
+    );
+    let cases: Vec<Case> = vec![
+        ("first sighting", None, image('a'), &["tag.created"]),
+        ("first sighting of a missing tag", None, absent(), &[]),
+        ("unchanged", Some(image('a')), image('a'), &[]),
+        ("moved", Some(image('a')), image('b'), &["tag.moved"]),
+        ("deleted", Some(image('a')), absent(), &["tag.deleted"]),
+        ("still deleted", Some(absent()), absent(), &[]),
+        (
+            "appeared after a missing baseline",
+            Some(absent()),
+            image('a'),
+            &["tag.created"],
+        ),
+    ];
+    for (name, prev, cur, want) in cases {
+        let prev = state(prev.map(|p| res(Some(p), None)));
+        let d = diff(
+            &tag_policy(),
+            &prev,
+            Outcome::Resolved(res(Some(cur), None)),
+        );
+        assert_eq!(kinds(&d), want, "{name}");
+    }
+}
+
+#[test]
+fn a_moved_tag_carries_both_digests() {
+    let prev = state(Some(res(Some(image('a')), None)));
+    let d = diff(
+        &tag_policy(),
+        &prev,
+        Outcome::Resolved(res(Some(image('b')), None)),
+    );
+    let c = &d.changes[0];
+    assert_eq!(c.previous.as_ref().unwrap().digest, dg('a'));
+    assert_eq!(c.current.as_ref().unwrap().digest, dg('b'));
+    assert_eq!(c.subject, "r.io/team/api:prod");
+    assert!(d.resolution_changed && !d.baseline);
+}
+
+#[test]
+fn a_deleted_then_restored_tag_is_restored_not_created() {
+    let policy = tag_policy();
+    let s0 = state(Some(res(Some(image('a')), None)));
+    let d1 = diff(&policy, &s0, Outcome::Resolved(res(Some(absent()), None)));
+    assert_eq!(kinds(&d1), ["tag.deleted"]);
+    let d2 = diff(
+        &policy,
+        &d1.next,
+        Outcome::Resolved(res(Some(absent()), None)),
+    );
+    assert!(d2.changes.is_empty() && !d2.resolution_changed);
+    let d3 = diff(
+        &policy,
+        &d2.next,
+        Outcome::Resolved(res(Some(image('b')), None)),
+    );
+    assert_eq!(kinds(&d3), ["tag.restored"]);
+    assert_eq!(d3.changes[0].detail["same_digest"], false);
+}
+
+#[test]
+fn digest_transitions() {
+    type Case = (
+        &'static str,
+        Option<Observation>,
+        Observation,
+        &'static [&'static str],
+    );
+    let cases: Vec<Case> = vec![
+        ("baseline present", None, image('a'), &[]),
+        ("baseline already gone", None, absent(), &["digest.deleted"]),
+        ("still there", Some(image('a')), image('a'), &[]),
+        ("deleted", Some(image('a')), absent(), &["digest.deleted"]),
+        ("still deleted", Some(absent()), absent(), &[]),
+        ("restored", Some(absent()), image('a'), &["digest.restored"]),
+    ];
+    for (name, prev, cur, want) in cases {
+        let prev = state(prev.map(|p| res(None, Some(p))));
+        let d = diff(
+            &pin_policy(),
+            &prev,
+            Outcome::Resolved(res(None, Some(cur))),
+        );
+        assert_eq!(kinds(&d), want, "{name}");
+    }
+}
+
+#[test]
+fn a_tag_at_digest_watch_reports_divergence_once_then_moves() {
+    let policy = both_policy();
+    let s0 = state(Some(res(Some(image('a')), Some(image('a')))));
+    let d1 = diff(
+        &policy,
+        &s0,
+        Outcome::Resolved(res(Some(image('b')), Some(image('a')))),
+    );
+    assert_eq!(kinds(&d1), ["tag.diverged"]);
+    assert_eq!(d1.changes[0].previous.as_ref().unwrap().digest, dg('a'));
+    assert_eq!(d1.changes[0].current.as_ref().unwrap().digest, dg('b'));
+    let d2 = diff(
+        &policy,
+        &d1.next,
+        Outcome::Resolved(res(Some(image('c')), Some(image('a')))),
+    );
+    assert_eq!(kinds(&d2), ["tag.moved"]);
+    let d3 = diff(
+        &policy,
+        &d2.next,
+        Outcome::Resolved(res(Some(image('a')), Some(image('a')))),
+    );
+    assert_eq!(kinds(&d3), ["tag.moved"]);
+    assert_eq!(d3.changes[0].detail["converged"], true);
+}
+
+#[test]
+fn a_tag_at_digest_baseline_that_already_differs_is_diverged() {
+    let d = diff(
+        &both_policy(),
+        &WatchState::default(),
+        Outcome::Resolved(res(Some(image('b')), Some(image('a')))),
+    );
+    assert_eq!(kinds(&d), ["tag.created", "tag.diverged"]);
+    assert!(d.baseline);
+}
+
+#[test]
+fn an_index_losing_a_platform_reports_the_removal() {
+    let prev = state(Some(res(
+        Some(index('a', &[("linux/amd64", '1'), ("linux/arm64", '2')])),
+        None,
+    )));
+    let cur = res(Some(index('b', &[("linux/amd64", '1')])), None);
+    let d = diff(&tag_policy(), &prev, Outcome::Resolved(cur));
+    assert_eq!(kinds(&d), ["tag.moved", "platforms.changed"]);
+    let detail = &d.changes[1].detail;
+    assert_eq!(detail["removed"][0]["architecture"], "arm64");
+    assert_eq!(detail["added"].as_array().unwrap().len(), 0);
+}
+
+#[test]
+fn a_platform_filter_hides_changes_in_other_platforms() {
+    let policy = Policy {
+        platforms: vec!["linux/amd64".into()],
+        ..tag_policy()
+    };
+    let prev = state(Some(res(
+        Some(index('a', &[("linux/amd64", '1'), ("linux/arm64", '2')])),
+        None,
+    )));
+    // Only arm64's child changed: recorded, not reported.
+    let quiet = res(
+        Some(index('b', &[("linux/amd64", '1'), ("linux/arm64", '3')])),
+        None,
+    );
+    let d = diff(&policy, &prev, Outcome::Resolved(quiet));
+    assert!(d.changes.is_empty() && d.resolution_changed);
+    // amd64's child changed: a move.
+    let loud = res(
+        Some(index('c', &[("linux/amd64", '4'), ("linux/arm64", '2')])),
+        None,
+    );
+    let d = diff(&policy, &prev, Outcome::Resolved(loud));
+    assert_eq!(kinds(&d), ["tag.moved"]);
+}
+
+#[test]
+fn failures_never_change_state_and_raise_failing_once() {
+    let policy = tag_policy();
+    let s0 = state(Some(res(Some(image('a')), None)));
+    let fail = || Outcome::Failed {
+        reason: "registry unreachable".into(),
+    };
+    let d1 = diff(&policy, &s0, fail());
+    let d2 = diff(&policy, &d1.next, fail());
+    let d3 = diff(&policy, &d2.next, fail());
+    let d4 = diff(&policy, &d3.next, fail());
+    assert_eq!((kinds(&d1), kinds(&d2)), (vec![], vec![]));
+    assert_eq!(kinds(&d3), ["check.failing"]);
+    assert!(d4.changes.is_empty());
+    for d in [&d1, &d2, &d3, &d4] {
+        assert_eq!(
+            d.next.last, s0.last,
+            "a failed check must not change the stored resolution"
+        );
+        assert!(!d.resolution_changed);
+    }
+    // Recovery diffs against the resolution stored before the failures.
+    let d5 = diff(
+        &policy,
+        &d4.next,
+        Outcome::Resolved(res(Some(image('b')), None)),
+    );
+    assert_eq!(kinds(&d5), ["check.recovered", "tag.moved"]);
+    assert_eq!(d5.next.consecutive_failures, 0);
+    assert!(!d5.next.failing);
+}
+
+#[test]
+fn a_failure_between_two_moves_still_reports_the_move_from_the_stored_digest() {
+    let policy = tag_policy();
+    let s0 = state(Some(res(Some(image('a')), None)));
+    let d1 = diff(
+        &policy,
+        &s0,
+        Outcome::Failed {
+            reason: "503".into(),
+        },
+    );
+    let d2 = diff(
+        &policy,
+        &d1.next,
+        Outcome::Resolved(res(Some(image('c')), None)),
+    );
+    assert_eq!(kinds(&d2), ["tag.moved"]);
+    assert_eq!(d2.changes[0].previous.as_ref().unwrap().digest, dg('a'));
+}

@@ -1,0 +1,42 @@
+//! The `driftwatch` binary: parses the command line, sets up logging, runs the command and
+//! maps its result to an exit status.
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use driftwatch::cli::{self, Cli, LogFormat};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("driftwatch: error: cannot start the async runtime: {e}");
+            return ExitCode::from(cli::EXIT_ERROR);
+        }
+    };
+    match runtime.block_on(cli::run(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            cli::report_error(&e);
+            ExitCode::from(cli::EXIT_ERROR)
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter =
+        EnvFilter::try_from_env("DRIFTWATCH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}

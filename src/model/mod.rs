@@ -1,0 +1,182 @@
+//! Pure domain types: references, digests, and the evidence a resolution records. No I/O.
+
+pub mod digest;
+pub mod reference;
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+pub use digest::{Digest, DigestError};
+pub use reference::{Reference, ReferenceError};
+
+/// One platform entry of an image index.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Platform {
+    /// Operating system, e.g. `linux`.
+    pub os: String,
+    /// CPU architecture, e.g. `arm64`.
+    pub architecture: String,
+    /// CPU variant, e.g. `v8`, when the index gives one.
+    #[serde(default)]
+    pub variant: Option<String>,
+    /// The child manifest's digest.
+    pub digest: Digest,
+}
+
+impl Platform {
+    /// `os/architecture[/variant]`, the usual way to name a platform.
+    pub fn key(&self) -> String {
+        match &self.variant {
+            Some(v) => format!("{}/{}/{}", self.os, self.architecture, v),
+            None => format!("{}/{}", self.os, self.architecture),
+        }
+    }
+}
+
+/// A content descriptor (config blob, layer, subject).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Descriptor {
+    /// Media type of the referenced content.
+    pub media_type: String,
+    /// Digest of the referenced content.
+    pub digest: Digest,
+    /// Size in bytes.
+    pub size: u64,
+    /// Artifact type, where the descriptor carries one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact_type: Option<String>,
+    /// Annotations on the descriptor.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// An artifact that refers to a manifest through its `subject` (signature, SBOM, …).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Referrer {
+    /// The referrer manifest's digest.
+    pub digest: Digest,
+    /// Its artifact type, falling back to its config media type.
+    pub artifact_type: Option<String>,
+    /// Its manifest media type.
+    pub media_type: String,
+    /// Its annotations.
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// How the digest of an observation was confirmed during the check that recorded it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ObtainedBy {
+    /// A HEAD request confirmed the digest; the body details (platforms, layers) were carried
+    /// over from the stored GET of the same digest, which is content-addressed and so the same.
+    Head,
+    /// The manifest body was fetched, hashed and verified in this check.
+    Get,
+}
+
+/// The evidence for one manifest: everything needed to prove which artifact a reference meant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestEvidence {
+    /// The manifest digest, verified against the body when it was fetched.
+    pub digest: Digest,
+    /// The manifest media type.
+    pub media_type: String,
+    /// Size of the manifest body in bytes.
+    pub size: u64,
+    /// Platform entries, for an index.
+    #[serde(default)]
+    pub platforms: Vec<Platform>,
+    /// Index entries that are attestations or other non-platform children.
+    #[serde(default)]
+    pub attestations: Vec<Platform>,
+    /// The config descriptor, for an image manifest.
+    #[serde(default)]
+    pub config: Option<Descriptor>,
+    /// Layer descriptors, for an image manifest.
+    #[serde(default)]
+    pub layers: Vec<Descriptor>,
+    /// Manifest annotations.
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+    /// The manifest's `artifactType`, when it has one.
+    #[serde(default)]
+    pub artifact_type: Option<String>,
+    /// The manifest's `subject`, when it refers to another manifest.
+    #[serde(default)]
+    pub subject: Option<Descriptor>,
+    /// Referrers of this digest, when the watch tracks them.
+    #[serde(default)]
+    pub referrers: Vec<Referrer>,
+    /// How this check confirmed the digest.
+    pub obtained_by: ObtainedBy,
+}
+
+impl ManifestEvidence {
+    /// Whether the manifest is an image index (or Docker manifest list).
+    pub fn is_index(&self) -> bool {
+        crate::registry::manifest::is_index_type(&self.media_type)
+    }
+}
+
+/// What one lookup (a tag or a digest) found.
+// Observations are nearly always the large variant; boxing it would add an allocation
+// per lookup and buy nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "lowercase")]
+pub enum Observation {
+    /// The registry served the manifest.
+    Present(ManifestEvidence),
+    /// The registry answered with an authoritative not-found.
+    Absent {
+        /// The registry's error code, e.g. `MANIFEST_UNKNOWN`.
+        code: String,
+        /// The digest last seen here before it went missing, if it was ever seen.
+        #[serde(default)]
+        last_digest: Option<Digest>,
+    },
+}
+
+impl Observation {
+    /// The digest, when present.
+    pub fn digest(&self) -> Option<&Digest> {
+        match self {
+            Observation::Present(e) => Some(&e.digest),
+            Observation::Absent { .. } => None,
+        }
+    }
+
+    /// The evidence, when present.
+    pub fn evidence(&self) -> Option<&ManifestEvidence> {
+        match self {
+            Observation::Present(e) => Some(e),
+            Observation::Absent { .. } => None,
+        }
+    }
+}
+
+/// One successful check of a watch: the tag lookup, the pinned-digest lookup, or both.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resolution {
+    /// When the check ran.
+    pub time: DateTime<Utc>,
+    /// The tag lookup, for a watch that names a tag.
+    #[serde(default)]
+    pub tag: Option<Observation>,
+    /// The pinned-digest lookup, for a watch that names a digest.
+    #[serde(default)]
+    pub pinned: Option<Observation>,
+}
+
+impl Resolution {
+    /// The digest this resolution stands for: the tag's when there is one, else the pin's.
+    pub fn digest(&self) -> Option<&Digest> {
+        self.tag
+            .as_ref()
+            .or(self.pinned.as_ref())
+            .and_then(Observation::digest)
+    }
+}

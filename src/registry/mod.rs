@@ -1,0 +1,585 @@
+//! A thin OCI Distribution client on reqwest: HEAD-first manifest lookups, verified GETs,
+//! anonymous/basic/bearer auth with a per-scope token cache, bounded retries, and a cap on
+//! in-flight requests per registry. One connection pool per registry.
+
+pub mod auth;
+pub mod error;
+pub mod manifest;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
+use reqwest::{Method, Response, StatusCode};
+use secrecy::ExposeSecret as _;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::config::{Auth, RegistrySettings};
+use crate::model::Digest;
+use crate::model::reference::DOCKER_HUB;
+use auth::{Challenge, Token};
+pub use error::RegistryError;
+
+/// Manifests larger than this are refused (ACR's own limit is 4 MiB too).
+pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
+/// Attempts per request for transient failures (5xx, 429, connection trouble).
+const MAX_ATTEMPTS: u32 = 3;
+/// A `Retry-After` longer than this is not waited for inside a check; the check fails and the
+/// next scheduled one tries again.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
+/// First backoff step; doubled per attempt, with jitter.
+const BACKOFF_BASE: Duration = Duration::from_millis(200);
+/// How long connecting may take, separately from the whole request's timeout.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Docker Hub's API lives on another host than the name references use.
+const DOCKER_HUB_API: &str = "registry-1.docker.io";
+
+/// The answer to a manifest lookup: found, or an authoritative not-found.
+#[derive(Debug)]
+pub enum ManifestLookup<T> {
+    /// The registry served it.
+    Found(T),
+    /// A reachable registry said 404 with `MANIFEST_UNKNOWN` or `NAME_UNKNOWN`.
+    NotFound {
+        /// The error code.
+        code: String,
+    },
+}
+
+/// What a HEAD told us.
+#[derive(Debug, Clone)]
+pub struct HeadInfo {
+    /// `Docker-Content-Digest`, when sent.
+    pub digest: Option<Digest>,
+    /// Content-Type without parameters.
+    pub media_type: String,
+    /// Content-Length, when sent.
+    pub size: Option<u64>,
+}
+
+/// A manifest body whose digest has been verified.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    /// The verified digest.
+    pub digest: Digest,
+    /// Content-Type without parameters.
+    pub media_type: String,
+    /// The exact bytes served.
+    pub body: Vec<u8>,
+}
+
+/// Clients for every registry the watches name, created on first use.
+pub struct Registries {
+    settings: BTreeMap<String, RegistrySettings>,
+    concurrency: usize,
+    timeout: Duration,
+    clients: Mutex<HashMap<String, Arc<RegistryClient>>>,
+}
+
+impl Registries {
+    /// Clients are built lazily from these settings; unnamed registries get the defaults.
+    pub fn new(
+        settings: BTreeMap<String, RegistrySettings>,
+        concurrency: usize,
+        timeout: Duration,
+    ) -> Self {
+        Registries {
+            settings,
+            concurrency,
+            timeout,
+            clients: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The client for `registry` (`HOST[:PORT]` as written in references).
+    pub fn client(&self, registry: &str) -> Result<Arc<RegistryClient>, RegistryError> {
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = clients.get(registry) {
+            return Ok(c.clone());
+        }
+        let settings = self.settings.get(registry).cloned().unwrap_or_default();
+        let client = Arc::new(RegistryClient::new(
+            registry,
+            &settings,
+            self.concurrency,
+            self.timeout,
+        )?);
+        clients.insert(registry.to_string(), client.clone());
+        Ok(client)
+    }
+
+    /// Requests sent so far to every registry, token requests included.
+    pub fn requests_sent(&self) -> u64 {
+        let clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        clients
+            .values()
+            .map(|c| c.requests.load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+/// A client for one registry.
+pub struct RegistryClient {
+    registry: String,
+    base: String,
+    http: reqwest::Client,
+    auth: Auth,
+    challenge: Mutex<Option<Challenge>>,
+    tokens: Mutex<HashMap<String, Token>>,
+    /// Serialises token fetches so a burst of checks asks for each scope once.
+    token_fetch: tokio::sync::Mutex<()>,
+    limit: Arc<Semaphore>,
+    requests: AtomicU64,
+}
+
+impl RegistryClient {
+    fn new(
+        registry: &str,
+        settings: &RegistrySettings,
+        concurrency: usize,
+        timeout: Duration,
+    ) -> Result<Self, RegistryError> {
+        let setup = |reason: String| RegistryError::Setup {
+            registry: registry.to_string(),
+            reason,
+        };
+        let host = if registry == DOCKER_HUB {
+            DOCKER_HUB_API
+        } else {
+            registry
+        };
+        let scheme = if settings.insecure { "http" } else { "https" };
+        let mut builder = reqwest::Client::builder()
+            .user_agent(concat!("driftwatch/", env!("CARGO_PKG_VERSION")))
+            .timeout(timeout)
+            .connect_timeout(CONNECT_TIMEOUT)
+            .pool_max_idle_per_host(concurrency)
+            .redirect(reqwest::redirect::Policy::limited(5));
+        if let Some(ca) = &settings.ca_file {
+            let pem = std::fs::read(ca).map_err(|e| setup(format!("{}: {e}", ca.display())))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| setup(format!("{}: {e}", ca.display())))?;
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let http = builder.build().map_err(|e| setup(e.to_string()))?;
+        Ok(RegistryClient {
+            registry: registry.to_string(),
+            base: format!("{scheme}://{host}"),
+            http,
+            auth: settings.auth.clone(),
+            challenge: Mutex::new(None),
+            tokens: Mutex::new(HashMap::new()),
+            token_fetch: tokio::sync::Mutex::new(()),
+            limit: Arc::new(Semaphore::new(concurrency.max(1))),
+            requests: AtomicU64::new(0),
+        })
+    }
+
+    /// `HOST[:PORT]` as written in references.
+    pub fn registry(&self) -> &str {
+        &self.registry
+    }
+
+    /// HEAD a manifest by tag or digest. A 404 is confirmed with a GET, because only a body
+    /// carries the error code that makes a not-found authoritative.
+    pub async fn head_manifest(
+        &self,
+        repository: &str,
+        reference: &str,
+    ) -> Result<ManifestLookup<HeadInfo>, RegistryError> {
+        let what = format!("{repository}:{reference}");
+        let (resp, _permit) = self
+            .send(Method::HEAD, repository, reference, &what)
+            .await?;
+        match resp.status() {
+            StatusCode::OK => {
+                let digest = self.digest_header(&resp, &what)?;
+                Ok(ManifestLookup::Found(HeadInfo {
+                    digest,
+                    media_type: content_type(&resp),
+                    size: resp.content_length(),
+                }))
+            }
+            StatusCode::NOT_FOUND => {
+                drop(_permit);
+                match self.get_manifest(repository, reference, None).await? {
+                    ManifestLookup::Found(f) => Ok(ManifestLookup::Found(HeadInfo {
+                        digest: Some(f.digest),
+                        media_type: f.media_type,
+                        size: Some(f.body.len() as u64),
+                    })),
+                    ManifestLookup::NotFound { code } => Ok(ManifestLookup::NotFound { code }),
+                }
+            }
+            status => Err(self.status_error(status, None, &what)),
+        }
+    }
+
+    /// GET a manifest and verify its body: against the requested digest when the reference
+    /// is one, and against `Docker-Content-Digest` when the registry sends it.
+    pub async fn get_manifest(
+        &self,
+        repository: &str,
+        reference: &str,
+        expect: Option<&Digest>,
+    ) -> Result<ManifestLookup<Fetched>, RegistryError> {
+        let what = format!("{repository}:{reference}");
+        let (resp, _permit) = self.send(Method::GET, repository, reference, &what).await?;
+        let status = resp.status();
+        if status == StatusCode::NOT_FOUND {
+            let body = read_capped(resp, 64 * 1024).await.unwrap_or_default();
+            return match error_code(&body) {
+                Some(code) if code == "MANIFEST_UNKNOWN" || code == "NAME_UNKNOWN" => {
+                    Ok(ManifestLookup::NotFound { code })
+                }
+                code => Err(self.status_error(status, code, &what)),
+            };
+        }
+        if status != StatusCode::OK {
+            let body = read_capped(resp, 64 * 1024).await.unwrap_or_default();
+            return Err(self.status_error(status, error_code(&body), &what));
+        }
+
+        let media_type = content_type(&resp);
+        let header = self.digest_header(&resp, &what)?;
+        let body = match read_capped(resp, MAX_MANIFEST_BYTES).await {
+            Ok(b) => b,
+            Err(ReadError::TooLarge) => {
+                return Err(RegistryError::TooLarge {
+                    registry: self.registry.clone(),
+                    what,
+                    limit: MAX_MANIFEST_BYTES,
+                });
+            }
+            Err(ReadError::Http(source)) => {
+                return Err(RegistryError::Transport {
+                    registry: self.registry.clone(),
+                    source,
+                });
+            }
+        };
+
+        // Every digest we were given must hold for the exact bytes; a mismatch is never
+        // trusted, whichever side is wrong.
+        let mismatch = |expected: &Digest| RegistryError::DigestMismatch {
+            registry: self.registry.clone(),
+            what: what.clone(),
+            expected: expected.to_string(),
+            actual: Digest::sha256_of(&body).to_string(),
+        };
+        for claimed in [expect, header.as_ref()].into_iter().flatten() {
+            match claimed.verify(&body) {
+                Some(true) => {}
+                Some(false) => return Err(mismatch(claimed)),
+                None if expect.is_none() => {
+                    return Err(RegistryError::Malformed {
+                        registry: self.registry.clone(),
+                        what,
+                        reason: format!("cannot verify digest algorithm of {claimed}"),
+                    });
+                }
+                None => {}
+            }
+        }
+        let digest = expect
+            .cloned()
+            .or(header)
+            .unwrap_or_else(|| Digest::sha256_of(&body));
+        Ok(ManifestLookup::Found(Fetched {
+            digest,
+            media_type,
+            body,
+        }))
+    }
+
+    fn digest_header(&self, resp: &Response, what: &str) -> Result<Option<Digest>, RegistryError> {
+        let Some(value) = resp.headers().get("docker-content-digest") else {
+            return Ok(None);
+        };
+        let text = value.to_str().unwrap_or("").trim();
+        if text.is_empty() {
+            return Ok(None);
+        }
+        Digest::parse(text)
+            .map(Some)
+            .map_err(|e| RegistryError::Malformed {
+                registry: self.registry.clone(),
+                what: what.to_string(),
+                reason: format!("Docker-Content-Digest: {e}"),
+            })
+    }
+
+    fn status_error(&self, status: StatusCode, code: Option<String>, what: &str) -> RegistryError {
+        match status {
+            StatusCode::FORBIDDEN => RegistryError::Denied {
+                registry: self.registry.clone(),
+                what: what.to_string(),
+            },
+            StatusCode::UNAUTHORIZED => RegistryError::Unauthorized {
+                registry: self.registry.clone(),
+                what: what.to_string(),
+                detail: "credentials rejected".to_string(),
+            },
+            _ => RegistryError::Status {
+                registry: self.registry.clone(),
+                what: what.to_string(),
+                status: status.as_u16(),
+                code,
+            },
+        }
+    }
+
+    /// Sends a manifest request with auth, retrying transient failures within a bound. The
+    /// returned permit keeps the request counted against the concurrency cap until the body
+    /// has been read.
+    async fn send(
+        &self,
+        method: Method,
+        repository: &str,
+        reference: &str,
+        what: &str,
+    ) -> Result<(Response, OwnedSemaphorePermit), RegistryError> {
+        let url = format!("{}/v2/{repository}/manifests/{reference}", self.base);
+        let scope = format!("repository:{repository}:pull");
+        let mut attempt = 0;
+        let mut reauthenticated = false;
+        loop {
+            attempt += 1;
+            let authorization = self.authorization(&scope).await?;
+            let permit = self
+                .limit
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("semaphore never closed");
+            self.requests.fetch_add(1, Ordering::Relaxed);
+            let mut req = self
+                .http
+                .request(method.clone(), &url)
+                .header(ACCEPT, manifest::ACCEPT);
+            if let Some(h) = &authorization {
+                req = req.header(AUTHORIZATION, h);
+            }
+            let resp = match req.send().await {
+                Ok(r) => r,
+                Err(e) => {
+                    drop(permit);
+                    if attempt < MAX_ATTEMPTS && (e.is_timeout() || e.is_connect()) {
+                        tracing::debug!(
+                            registry = %self.registry, attempt, cause = %e, "retrying request"
+                        );
+                        tokio::time::sleep(backoff(attempt)).await;
+                        continue;
+                    }
+                    return Err(RegistryError::Transport {
+                        registry: self.registry.clone(),
+                        source: e,
+                    });
+                }
+            };
+            match resp.status() {
+                StatusCode::UNAUTHORIZED => {
+                    drop(permit);
+                    if reauthenticated {
+                        return Err(self.unauthorized(what, &authorization));
+                    }
+                    reauthenticated = true;
+                    let header = resp
+                        .headers()
+                        .get(WWW_AUTHENTICATE)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(auth::parse_challenge);
+                    let Some(challenge) = header else {
+                        return Err(self.unauthorized(what, &authorization));
+                    };
+                    // A token the registry no longer accepts must not be offered again.
+                    self.tokens
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&scope);
+                    *self.challenge.lock().unwrap_or_else(|e| e.into_inner()) = Some(challenge);
+                    attempt -= 1;
+                }
+                StatusCode::TOO_MANY_REQUESTS => {
+                    drop(permit);
+                    let wait = retry_after(&resp);
+                    if attempt < MAX_ATTEMPTS && wait.is_none_or(|w| w <= MAX_RETRY_AFTER) {
+                        tokio::time::sleep(wait.unwrap_or_else(|| backoff(attempt))).await;
+                        continue;
+                    }
+                    return Err(RegistryError::RateLimited {
+                        registry: self.registry.clone(),
+                        retry_after: wait,
+                    });
+                }
+                s if s.is_server_error() && attempt < MAX_ATTEMPTS => {
+                    drop(permit);
+                    let status = s.as_u16();
+                    tracing::debug!(registry = %self.registry, attempt, status, "retrying request");
+                    tokio::time::sleep(backoff(attempt)).await;
+                }
+                _ => return Ok((resp, permit)),
+            }
+        }
+    }
+
+    fn unauthorized(&self, what: &str, sent: &Option<String>) -> RegistryError {
+        let detail = match (sent, &self.auth) {
+            (None, Auth::Anonymous) => "the registry requires credentials; none are configured",
+            (None, _) => "the registry's challenge could not be answered",
+            (Some(_), _) => "credentials or token rejected",
+        };
+        RegistryError::Unauthorized {
+            registry: self.registry.clone(),
+            what: what.to_string(),
+            detail: detail.to_string(),
+        }
+    }
+
+    /// The Authorization header for `scope`, fetching a token when the registry wants one.
+    async fn authorization(&self, scope: &str) -> Result<Option<String>, RegistryError> {
+        let challenge = self
+            .challenge
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        match challenge {
+            None => Ok(None),
+            Some(Challenge::Basic) => Ok(self.basic_header()),
+            Some(Challenge::Bearer { realm, service, .. }) => {
+                if let Some(t) = self.cached_token(scope) {
+                    return Ok(Some(t));
+                }
+                let _guard = self.token_fetch.lock().await;
+                if let Some(t) = self.cached_token(scope) {
+                    return Ok(Some(t));
+                }
+                let token = self.fetch_token(&realm, service.as_deref(), scope).await?;
+                let header = format!("Bearer {}", token.value.expose_secret());
+                self.tokens
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(scope.to_string(), token);
+                Ok(Some(header))
+            }
+        }
+    }
+
+    fn cached_token(&self, scope: &str) -> Option<String> {
+        let tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
+        tokens
+            .get(scope)
+            .filter(|t| t.refresh_at > Instant::now())
+            .map(|t| format!("Bearer {}", t.value.expose_secret()))
+    }
+
+    fn basic_header(&self) -> Option<String> {
+        match &self.auth {
+            Auth::Basic { username, password } => {
+                let raw = format!("{username}:{}", password.expose_secret());
+                Some(format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode(raw)
+                ))
+            }
+            Auth::Anonymous => None,
+        }
+    }
+
+    async fn fetch_token(
+        &self,
+        realm: &str,
+        service: Option<&str>,
+        scope: &str,
+    ) -> Result<Token, RegistryError> {
+        let token_error = |reason: String| RegistryError::Token {
+            realm: realm.to_string(),
+            reason,
+        };
+        let mut query: Vec<(&str, &str)> = vec![("scope", scope)];
+        if let Some(s) = service {
+            query.push(("service", s));
+        }
+        let mut req = self.http.get(realm).query(&query);
+        if let Some(h) = self.basic_header() {
+            req = req.header(AUTHORIZATION, h);
+        }
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let resp = req.send().await.map_err(|e| token_error(e.to_string()))?;
+        let status = resp.status();
+        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+            return Err(RegistryError::Unauthorized {
+                registry: self.registry.clone(),
+                what: format!("token for {scope}"),
+                detail: format!("the token endpoint answered {}", status.as_u16()),
+            });
+        }
+        if !status.is_success() {
+            return Err(token_error(format!("status {}", status.as_u16())));
+        }
+        let body = read_capped(resp, 1024 * 1024)
+            .await
+            .map_err(|_| token_error("unreadable or oversized answer".to_string()))?;
+        auth::parse_token_answer(&body, Instant::now()).map_err(token_error)
+    }
+}
+
+fn content_type(resp: &Response) -> String {
+    resp.headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| manifest::bare_media_type(v).to_string())
+        .unwrap_or_default()
+}
+
+/// The first error code of a distribution error body, `{"errors":[{"code":…}]}`.
+fn error_code(body: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    v.get("errors")?
+        .get(0)?
+        .get("code")?
+        .as_str()
+        .map(str::to_string)
+}
+
+fn retry_after(resp: &Response) -> Option<Duration> {
+    let value = resp.headers().get(RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+    let left = when
+        .signed_duration_since(chrono::Utc::now())
+        .num_milliseconds();
+    Some(Duration::from_millis(left.max(0) as u64))
+}
+
+/// Exponential backoff with jitter: about 200 ms, 400 ms, 800 ms, each ±50 %.
+fn backoff(attempt: u32) -> Duration {
+    let base = BACKOFF_BASE * 2u32.saturating_pow(attempt.saturating_sub(1));
+    base.mul_f64(0.5 + fastrand::f64())
+}
+
+enum ReadError {
+    TooLarge,
+    Http(reqwest::Error),
+}
+
+async fn read_capped(mut resp: Response, limit: usize) -> Result<Vec<u8>, ReadError> {
+    if resp.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(ReadError::TooLarge);
+    }
+    let mut body = Vec::with_capacity(resp.content_length().unwrap_or(0) as usize);
+    while let Some(chunk) = resp.chunk().await.map_err(ReadError::Http)? {
+        if body.len() + chunk.len() > limit {
+            return Err(ReadError::TooLarge);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}

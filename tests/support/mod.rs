@@ -1,0 +1,20 @@
+//! Shared support for driftwatch's integration tests: a real-registry harness, push helpers,
+//! a scripted hostile fake registry, and helpers to run the driftwatch binary.
+#![allow(dead_code)]
+// Re-exports are conveniences; a test file that uses only some of them must not warn.
+#![allow(unused_imports)]
+
+pub mod cli;
+pub mod fake;
+pub mod oci;
+pub mod push;
+pub mod registry;
+
+pub use cli::{
+    DriftwatchProcess, TestDir, driftwatch_bin, driftwatch_command, run_driftwatch,
+    spawn_driftwatch, write_config,
+};
+pub use fake::{Auth, Behavior, FakeRegistry, RecordedRequest, TokenRequest};
+pub use oci::{Descriptor, Platform, PushedManifest, sha256_digest};
+pub use push::Pusher;
+pub use registry::Registry;
