@@ -63,6 +63,8 @@ pub enum Format {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// The daemon: check every watch on its schedule, serve HTTP, reload config on change.
+    Run,
     /// Run one check cycle over all (or the named) watches and print the events.
     Check(CheckArgs),
     /// Show the evidence for one reference, without touching stored state.
@@ -130,6 +132,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
     let path = config::config_path(cli.config.as_deref());
     match cli.command {
         Command::Config(ConfigCommand::Validate) => Ok(validate(&path)),
+        Command::Run => crate::app::run(path).await.map(|()| EXIT_OK),
         Command::Check(args) => check(&load(&path)?, args).await,
         Command::Inspect { reference, format } => {
             let config = load_optional(cli.config.is_some(), &path)?;

@@ -12,11 +12,14 @@
 //! - [`event`] gives changes their CloudEvents envelope; [`alert`] routes them to sinks.
 //! - [`store`] commits resolutions, events and outbox rows together in SQLite.
 //! - [`cycle`] runs one check of a set of watches through all of the above.
+//! - [`schedule`] decides when each watch is checked; [`app`] runs the daemon around it, and
+//!   [`server`] answers its HTTP endpoints.
 //! - [`cli`] is the command line on top.
 
 #![deny(missing_docs)]
 
 pub mod alert;
+pub mod app;
 pub mod cli;
 pub mod config;
 pub mod cycle;
@@ -25,4 +28,6 @@ pub mod event;
 pub mod model;
 pub mod registry;
 pub mod resolve;
+pub mod schedule;
+pub mod server;
 pub mod store;

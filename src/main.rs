@@ -29,12 +29,17 @@ fn main() -> ExitCode {
     }
 }
 
+/// Info for driftwatch; the cron library announces every job at info, which is noise here.
+const DEFAULT_LOG_FILTER: &str = "info,tokio_cron_scheduler=warn";
+
 fn init_logging(format: LogFormat) {
-    let filter =
-        EnvFilter::try_from_env("DRIFTWATCH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_env("DRIFTWATCH_LOG")
+        .unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),

@@ -35,6 +35,10 @@ pub const DEFAULT_FAILING_AFTER: u32 = 3;
 pub const DEFAULT_HISTORY_LIMIT: u32 = 100;
 /// Default timeout of one registry request.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default fraction of a schedule's interval over which its checks are spread.
+pub const DEFAULT_JITTER: f64 = 0.5;
+/// Default bound on how long shutdown waits for running checks.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default ACR soft-delete retention, used for purge-time estimates.
 pub const DEFAULT_SOFT_DELETE_RETENTION_DAYS: u32 = 7;
 /// Default window in which an email sink folds events into one mail.
@@ -143,6 +147,11 @@ pub struct Daemon {
     pub history_limit: u32,
     /// Timeout of one registry request. Default [`DEFAULT_REQUEST_TIMEOUT`].
     pub request_timeout: Duration,
+    /// Fraction (0 to 1) of each schedule's interval over which its checks are spread, at a
+    /// stable offset per reference. Default [`DEFAULT_JITTER`].
+    pub jitter: f64,
+    /// How long shutdown waits for running checks. Default [`DEFAULT_SHUTDOWN_TIMEOUT`].
+    pub shutdown_timeout: Duration,
 }
 
 /// How to talk to one registry.

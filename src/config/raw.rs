@@ -27,6 +27,8 @@ pub(crate) struct RawDaemon {
     pub failing_after: Option<i64>,
     pub history_limit: Option<i64>,
     pub request_timeout: Option<String>,
+    pub jitter: Option<f64>,
+    pub shutdown_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -255,6 +255,23 @@ fn validate_daemon(cx: &mut Ctx<'_>, d: super::raw::RawDaemon) -> Daemon {
             .unwrap_or(DEFAULT_REQUEST_TIMEOUT),
     };
 
+    let jitter = match d.jitter {
+        None => DEFAULT_JITTER,
+        Some(j) if (0.0..=1.0).contains(&j) => j,
+        Some(j) => {
+            cx.problem(
+                &at.clone().key("jitter"),
+                format!("{j} is out of range 0.0..=1.0 (a fraction of the interval, e.g. 0.5)"),
+            );
+            DEFAULT_JITTER
+        }
+    };
+    let shutdown_timeout = match d.shutdown_timeout {
+        None => DEFAULT_SHUTDOWN_TIMEOUT,
+        Some(s) => parse_duration(cx, &at.clone().key("shutdown_timeout"), &s)
+            .unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT),
+    };
+
     Daemon {
         state,
         listen,
@@ -264,6 +281,8 @@ fn validate_daemon(cx: &mut Ctx<'_>, d: super::raw::RawDaemon) -> Daemon {
         failing_after,
         history_limit,
         request_timeout,
+        jitter,
+        shutdown_timeout,
     }
 }
 
