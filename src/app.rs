@@ -1,9 +1,8 @@
 //! `driftwatch run`: wires config, store, scheduler, HTTP endpoints, config reload and
 //! systemd notifications together, and shuts them down in order on a signal.
 //!
-//! Background services are started here and stopped through one cancellation token. Alert
-//! delivery from the outbox is meant to be one more such service: checks already write
-//! outbox rows in the same transaction as their events.
+//! Background services (HTTP, the scheduler, alert delivery) are started here and stopped
+//! through one cancellation token.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -63,8 +62,8 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
 
     let stop = CancellationToken::new();
     let health = Arc::new(RwLock::new(Health {
-        ready: true,
-        problems: Vec::new(),
+        ready: false,
+        problems: vec!["starting".to_string()],
     }));
     let current = Arc::new(RwLock::new(config.clone()));
     let view = Arc::new(View::default());
@@ -92,7 +91,11 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
 
     // The dispatcher: every check starts here.
     let (tx, rx) = mpsc::channel::<Command<Arc<Live>>>(1024);
-    let runner = check_runner(store.clone());
+    // Alert delivery: checks commit outbox rows and wake the deliverer.
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let deliverer = Arc::new(crate::alert::Deliverer::new(config.clone(), store.clone()));
+    let delivery = tokio::spawn(deliverer.clone().run(stop.clone(), wake.clone()));
+    let runner = check_runner(store.clone(), wake);
     let watchdog = sd_notify::watchdog_enabled();
     let beat_view = view.clone();
     let heartbeat: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
@@ -117,11 +120,6 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
 
     let mut cron = CronJobs::start(tx.clone()).await?;
     cron.sync(&schedule::Plan::new(&config).schedules()).await?;
-    let _ = sd_notify::notify(&[
-        sd_notify::NotifyState::Ready,
-        sd_notify::NotifyState::Status(&status_line(&view)),
-    ]);
-    tracing::info!("ready");
 
     // Reloads: file changes (debounced) and SIGHUP.
     let (reload_tx, mut reload_rx) = mpsc::channel::<()>(1);
@@ -129,12 +127,25 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+
+    // Ready only now: config and state are loaded, checks are scheduled, and changes to the
+    // config files will be seen.
+    *health.write().unwrap_or_else(|e| e.into_inner()) = Health {
+        ready: true,
+        problems: vec![],
+    };
+    let _ = sd_notify::notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&status_line(&view)),
+    ]);
+    tracing::info!("ready");
     let reloader = Reloader {
         path: config_path,
         health,
         current,
         tx: tx.clone(),
         view: view.clone(),
+        deliverer,
     };
 
     loop {
@@ -171,14 +182,16 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
         std::process::exit(1);
     });
     let _ = dispatcher.await;
+    let _ = delivery.await;
     let _ = http.await;
     tracing::info!("stopped");
     Ok(())
 }
 
-fn check_runner(store: Store) -> Runner<Arc<Live>> {
+fn check_runner(store: Store, wake: Arc<tokio::sync::Notify>) -> Runner<Arc<Live>> {
     Arc::new(move |live: Arc<Live>, watches, by: DetectedBy| {
         let store = store.clone();
+        let wake = wake.clone();
         Box::pin(async move {
             let refs: Vec<&config::Watch> = watches.iter().collect();
             let options = CycleOptions {
@@ -187,9 +200,11 @@ fn check_runner(store: Store) -> Runner<Arc<Live>> {
             };
             let result =
                 cycle::run_cycle(&live.config, &live.registries, &store, &refs, options).await;
-            if let Err(e) = result {
+            match result {
+                Ok(report) if !report.events.is_empty() => wake.notify_one(),
+                Ok(_) => {}
                 // Nothing was committed; the next tick checks these watches again.
-                tracing::error!(cause = %error_chain(&e), "storing a check failed");
+                Err(e) => tracing::error!(cause = %error_chain(&e), "storing a check failed"),
             }
         })
     })
@@ -269,6 +284,7 @@ impl CronJobs {
 }
 
 struct Reloader {
+    deliverer: Arc<crate::alert::Deliverer>,
     path: PathBuf,
     health: Arc<RwLock<Health>>,
     current: Arc<RwLock<Arc<Config>>>,
@@ -310,6 +326,7 @@ impl Reloader {
                 if let Err(e) = cron.sync(&schedules).await {
                     tracing::error!(cause = %error_chain(e.as_ref()), "rescheduling failed");
                 }
+                self.deliverer.replace_config(new.clone());
                 *self.current.write().unwrap_or_else(|e| e.into_inner()) = new.clone();
                 *self.health.write().unwrap_or_else(|e| e.into_inner()) = Health {
                     ready: true,

@@ -101,6 +101,20 @@ pub enum Command {
     /// Configuration commands.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Alert commands.
+    #[command(subcommand)]
+    Alert(AlertCommand),
+}
+
+/// `alert` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum AlertCommand {
+    /// Send one clearly labelled test event through a sink, and report the outcome.
+    Test {
+        /// The sink's name.
+        #[arg(long)]
+        sink: String,
+    },
 }
 
 /// `check` options.
@@ -133,6 +147,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Config(ConfigCommand::Validate) => Ok(validate(&path)),
         Command::Run => crate::app::run(path).await.map(|()| EXIT_OK),
+        Command::Alert(AlertCommand::Test { sink }) => alert_test(&load(&path)?, &sink).await,
         Command::Check(args) => check(&load(&path)?, args).await,
         Command::Inspect { reference, format } => {
             let config = load_optional(cli.config.is_some(), &path)?;
@@ -254,6 +269,17 @@ async fn check(config: &Config, args: CheckArgs) -> anyhow::Result<u8> {
             registries.requests_sent()
         );
     }
+    // Deliver what this run routed, within a bound; the rest waits for the next run.
+    if !args.no_alerts && !config.sinks.is_empty() {
+        let deliverer = crate::alert::Deliverer::new(Arc::new(config.clone()), store.clone());
+        let round = deliverer.drain(DRAIN_LIMIT).await?;
+        if round.delivered + round.retried + round.dead + round.waiting > 0 {
+            eprintln!(
+                "alerts: {} delivered, {} to retry, {} dead, {} waiting",
+                round.delivered, round.retried, round.dead, round.waiting
+            );
+        }
+    }
     let drift = report
         .events
         .iter()
@@ -263,6 +289,28 @@ async fn check(config: &Config, args: CheckArgs) -> anyhow::Result<u8> {
     } else {
         EXIT_OK
     })
+}
+
+/// How long `check` spends delivering alerts before it exits.
+const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(15);
+
+async fn alert_test(config: &Config, name: &str) -> anyhow::Result<u8> {
+    let Some(sink) = config.sinks.iter().find(|s| s.name == name) else {
+        let names: Vec<&str> = config.sinks.iter().map(|s| s.name.as_str()).collect();
+        anyhow::bail!("no sink named {name:?} (configured: {})", names.join(", "));
+    };
+    let event = crate::alert::test_event(sink);
+    let http = reqwest::Client::new();
+    match crate::alert::send(&http, sink, std::slice::from_ref(&event)).await {
+        Ok(()) => {
+            println!("delivered test event {} to sink {name}", event.id);
+            Ok(EXIT_OK)
+        }
+        Err(e) => {
+            eprintln!("driftwatch: error: sink {name}: {e}");
+            Ok(EXIT_ERROR)
+        }
+    }
 }
 
 fn event_line(e: &Envelope) -> String {

@@ -146,10 +146,12 @@ pub async fn run_cycle(
             };
             tracing::debug!(watch = %w.name, event.type = %envelope.kind, "event");
             report.events.push(envelope.clone());
+            let dedupe_key = alert::dedupe_key(&envelope);
             events.push(StoredEvent {
                 envelope,
                 baseline: d.baseline,
                 sinks,
+                dedupe_key,
             });
         }
         report.watches.push(WatchOutcome {

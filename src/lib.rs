@@ -9,7 +9,8 @@
 //! - [`registry`] talks OCI Distribution: auth, HEAD/GET of manifests, verification.
 //! - [`resolve`] turns one watched tag or digest into an observation, HEAD first.
 //! - [`diff`] compares an observation with the stored state and says what changed (pure).
-//! - [`event`] gives changes their CloudEvents envelope; [`alert`] routes them to sinks.
+//! - [`event`] gives changes their CloudEvents envelope; [`alert`] routes them to sinks and
+//!   delivers them from the outbox (webhook, email).
 //! - [`store`] commits resolutions, events and outbox rows together in SQLite.
 //! - [`cycle`] runs one check of a set of watches through all of the above.
 //! - [`schedule`] decides when each watch is checked; [`app`] runs the daemon around it, and

@@ -43,6 +43,12 @@ pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_SOFT_DELETE_RETENTION_DAYS: u32 = 7;
 /// Default window in which an email sink folds events into one mail.
 pub const DEFAULT_BATCH_WINDOW: Duration = Duration::from_secs(30);
+/// Default age after which an undeliverable alert is given up (marked dead).
+pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+/// Default cap on the wait between two delivery attempts.
+pub const DEFAULT_RETRY_MAX_INTERVAL: Duration = Duration::from_secs(30);
+/// Default timeout of one webhook request or SMTP session.
+pub const DEFAULT_SINK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One problem with the configuration, printed as `FILE: KEY: message`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -225,6 +231,35 @@ pub struct Sink {
     pub min_severity: Severity,
     /// Only events of watches carrying all these labels are routed here.
     pub labels: BTreeMap<String, String>,
+    /// Retry and storm-control settings.
+    pub delivery: DeliveryPolicy,
+}
+
+/// How a sink retries and how much it may send.
+#[derive(Debug, Clone)]
+pub struct DeliveryPolicy {
+    /// An alert still undelivered this long after it was stored is dead. Default
+    /// [`DEFAULT_MAX_AGE`].
+    pub max_age: Duration,
+    /// Cap on the backoff between attempts (a longer `Retry-After` is still honoured).
+    /// Default [`DEFAULT_RETRY_MAX_INTERVAL`].
+    pub retry_max_interval: Duration,
+    /// Deliveries per minute before further alerts are folded into one summary delivery.
+    /// Default: no limit.
+    pub max_per_minute: Option<u32>,
+    /// Timeout of one request or SMTP session. Default [`DEFAULT_SINK_TIMEOUT`].
+    pub timeout: Duration,
+}
+
+/// The body a webhook sink posts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebhookFormat {
+    /// The CloudEvents envelope, `application/cloudevents+json`.
+    CloudEvents,
+    /// A Slack incoming-webhook message.
+    Slack,
+    /// A Microsoft Teams message card.
+    Teams,
 }
 
 /// The delivery channel of a sink.
@@ -236,6 +271,10 @@ pub enum SinkKind {
         url: url::Url,
         /// Standard Webhooks secret (`whsec_…`).
         secret: Option<SecretString>,
+        /// Body format.
+        format: WebhookFormat,
+        /// Extra headers; values may be credentials, so they never print.
+        headers: Vec<(String, SecretString)>,
     },
     /// Mail through an SMTP relay.
     Email {
@@ -247,6 +286,12 @@ pub enum SinkKind {
         to: Vec<String>,
         /// Events due within this window are folded into one mail.
         batch_window: Duration,
+        /// For `smtp://`: refuse to send unless STARTTLS succeeds.
+        starttls_required: bool,
+        /// SMTP AUTH credentials.
+        credentials: Option<(String, SecretString)>,
+        /// Prefix for every subject, e.g. `[prod]`.
+        subject_prefix: Option<String>,
     },
 }
 

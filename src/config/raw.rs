@@ -88,6 +88,28 @@ pub(crate) struct RawSink {
     pub from: Option<String>,
     pub to: Option<Vec<String>>,
     pub batch_window: Option<String>,
+    pub starttls: Option<String>,
+    pub username: Option<String>,
+    pub password_env: Option<String>,
+    pub password_file: Option<String>,
+    pub subject_prefix: Option<String>,
+    // webhook
+    pub format: Option<String>,
+    pub headers: Option<BTreeMap<String, RawHeaderValue>>,
+    pub timeout: Option<String>,
+    // delivery
+    pub max_age: Option<String>,
+    pub retry_max_interval: Option<String>,
+    pub max_per_minute: Option<i64>,
+}
+
+/// A header value: written out, or read from an environment variable or a file.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum RawHeaderValue {
+    Plain(String),
+    Env { env: String },
+    File { file: String },
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -9,7 +9,7 @@ use base64::Engine as _;
 use secrecy::SecretString;
 
 use super::load::{KeyPath, Loaded, Provenance};
-use super::raw::{RawAuth, RawConfig, RawHook, RawRegistry, RawSink, RawWatch};
+use super::raw::{RawAuth, RawConfig, RawHeaderValue, RawHook, RawRegistry, RawSink, RawWatch};
 use super::*;
 use crate::event::{EventType, Severity, glob_match};
 
@@ -658,6 +658,7 @@ fn validate_sinks(cx: &mut Ctx<'_>, raw: Vec<RawSink>) -> Vec<Sink> {
                 Severity::Info
             }
         };
+        let delivery = validate_delivery(cx, &at, &s);
         let kind = match s.kind.as_deref() {
             Some("webhook") => validate_webhook(cx, &at, &s),
             Some("email") => validate_email(cx, &at, &s),
@@ -691,10 +692,42 @@ fn validate_sinks(cx: &mut Ctx<'_>, raw: Vec<RawSink>) -> Vec<Sink> {
                 }),
                 min_severity,
                 labels: s.labels.unwrap_or_default(),
+                delivery,
             });
         }
     }
     out
+}
+
+fn validate_delivery(cx: &mut Ctx<'_>, at: &KeyPath, s: &RawSink) -> DeliveryPolicy {
+    let mut duration = |key: &str, value: &Option<String>, default: Duration| match value {
+        None => default,
+        Some(v) => parse_duration(cx, &at.clone().key(key), v).unwrap_or(default),
+    };
+    let max_age = duration("max_age", &s.max_age, DEFAULT_MAX_AGE);
+    let retry_max_interval = duration(
+        "retry_max_interval",
+        &s.retry_max_interval,
+        DEFAULT_RETRY_MAX_INTERVAL,
+    );
+    let timeout = duration("timeout", &s.timeout, DEFAULT_SINK_TIMEOUT);
+    let max_per_minute = match s.max_per_minute {
+        None => None,
+        Some(n @ 1..=100_000) => Some(n as u32),
+        Some(n) => {
+            cx.problem(
+                &at.clone().key("max_per_minute"),
+                format!("{n} is out of range 1..=100000 (leave it out for no limit)"),
+            );
+            None
+        }
+    };
+    DeliveryPolicy {
+        max_age,
+        retry_max_interval,
+        max_per_minute,
+        timeout,
+    }
 }
 
 fn validate_webhook(cx: &mut Ctx<'_>, at: &KeyPath, s: &RawSink) -> Option<SinkKind> {
@@ -702,6 +735,12 @@ fn validate_webhook(cx: &mut Ctx<'_>, at: &KeyPath, s: &RawSink) -> Option<SinkK
         ("smtp", s.smtp.is_some()),
         ("from", s.from.is_some()),
         ("to", s.to.is_some()),
+        ("batch_window", s.batch_window.is_some()),
+        ("starttls", s.starttls.is_some()),
+        ("username", s.username.is_some()),
+        ("password_env", s.password_env.is_some()),
+        ("password_file", s.password_file.is_some()),
+        ("subject_prefix", s.subject_prefix.is_some()),
     ] {
         if set {
             cx.problem(&at.clone().key(key), "only used by email sinks");
@@ -745,7 +784,71 @@ fn validate_webhook(cx: &mut Ctx<'_>, at: &KeyPath, s: &RawSink) -> Option<SinkK
             );
         }
     }
-    Some(SinkKind::Webhook { url: url?, secret })
+    let format = match s.format.as_deref() {
+        None | Some("cloudevents") => WebhookFormat::CloudEvents,
+        Some("slack") => WebhookFormat::Slack,
+        Some("teams") => WebhookFormat::Teams,
+        Some(other) => {
+            cx.problem(
+                &at.clone().key("format"),
+                format!("unknown format {other:?} (expected cloudevents, slack or teams)"),
+            );
+            WebhookFormat::CloudEvents
+        }
+    };
+    let mut headers = Vec::new();
+    for (name, value) in s.headers.iter().flatten() {
+        let key = at.clone().key("headers").key(name);
+        if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            cx.problem(&key, format!("{name:?} is not a valid header name"));
+            continue;
+        }
+        let value = match value {
+            RawHeaderValue::Plain(v) => Some(SecretString::from(v.clone())),
+            RawHeaderValue::Env { env } => env_value(cx, &key, env),
+            RawHeaderValue::File { file } => file_value(cx, &key, file),
+        };
+        if let Some(v) = value {
+            use secrecy::ExposeSecret as _;
+            if reqwest::header::HeaderValue::from_str(v.expose_secret()).is_err() {
+                cx.problem(&key, "the value is not a valid header value");
+                continue;
+            }
+            headers.push((name.clone(), v));
+        }
+    }
+    Some(SinkKind::Webhook {
+        url: url?,
+        secret,
+        format,
+        headers,
+    })
+}
+
+fn env_value(cx: &mut Ctx<'_>, at: &KeyPath, var: &str) -> Option<SecretString> {
+    match cx.env.get(var) {
+        Some(v) if !v.is_empty() => Some(SecretString::from(v.to_string())),
+        _ => {
+            cx.problem(
+                at,
+                format!("environment variable {var} is not set or empty"),
+            );
+            None
+        }
+    }
+}
+
+fn file_value(cx: &mut Ctx<'_>, at: &KeyPath, file: &str) -> Option<SecretString> {
+    let path = cx.resolve(file);
+    match std::fs::read_to_string(&path) {
+        Ok(s) => Some(SecretString::from(
+            s.trim_end_matches(['\n', '\r']).to_string(),
+        )),
+        Err(e) => {
+            cx.problem(at, format!("cannot read {}: {e}", path.display()));
+            None
+        }
+    }
 }
 
 fn validate_email(cx: &mut Ctx<'_>, at: &KeyPath, s: &RawSink) -> Option<SinkKind> {
@@ -753,6 +856,8 @@ fn validate_email(cx: &mut Ctx<'_>, at: &KeyPath, s: &RawSink) -> Option<SinkKin
         ("url", s.url.is_some()),
         ("secret_env", s.secret_env.is_some()),
         ("secret_file", s.secret_file.is_some()),
+        ("format", s.format.is_some()),
+        ("headers", s.headers.is_some()),
     ] {
         if set {
             cx.problem(&at.clone().key(key), "only used by webhook sinks");
@@ -804,11 +909,52 @@ fn validate_email(cx: &mut Ctx<'_>, at: &KeyPath, s: &RawSink) -> Option<SinkKin
             parse_duration(cx, &at.clone().key("batch_window"), w).unwrap_or(DEFAULT_BATCH_WINDOW)
         }
     };
+    let starttls_required = match s.starttls.as_deref() {
+        None | Some("opportunistic") => false,
+        Some("required") => true,
+        Some(other) => {
+            cx.problem(
+                &at.clone().key("starttls"),
+                format!("unknown value {other:?} (expected \"opportunistic\" or \"required\")"),
+            );
+            false
+        }
+    };
+    if starttls_required && smtp.as_ref().is_some_and(|u| u.scheme() == "smtps") {
+        cx.problem(
+            &at.clone().key("starttls"),
+            "smtps:// is TLS from the start; starttls applies to smtp://",
+        );
+    }
+    let password = cx.secret(at, "password", &s.password_env, &s.password_file);
+    let credentials = match (&s.username, password) {
+        (Some(u), Some(p)) => Some((u.clone(), p)),
+        (None, None) => None,
+        (Some(_), None) => {
+            if s.password_env.is_none() && s.password_file.is_none() {
+                cx.problem(
+                    &at.clone().key("username"),
+                    "SMTP auth needs password_env or password_file too",
+                );
+            }
+            None
+        }
+        (None, Some(_)) => {
+            cx.problem(
+                &at.clone().key("username"),
+                "SMTP auth needs a username too",
+            );
+            None
+        }
+    };
     Some(SinkKind::Email {
         smtp: smtp?,
         from: from?,
         to,
         batch_window,
+        starttls_required,
+        credentials,
+        subject_prefix: s.subject_prefix.clone(),
     })
 }
 

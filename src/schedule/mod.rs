@@ -207,7 +207,10 @@ pub async fn dispatch<C: Clone + Send + 'static>(
             match by {
                 DetectedBy::Poll => {
                     view.stats.skipped.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(reference = %key.reference, "previous check still running; tick skipped");
+                    tracing::debug!(
+                        reference = %key.reference,
+                        "previous check still running; tick skipped"
+                    );
                 }
                 DetectedBy::Webhook => *rerun = true,
             }

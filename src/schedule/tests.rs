@@ -18,7 +18,8 @@ fn watches(n: usize, schedule: &str) -> String {
     let mut s = String::from("[daemon]\njitter = 0.5\n");
     for i in 0..n {
         s.push_str(&format!(
-            "[[watch]]\nname = \"w{i}\"\nimage = \"r.io/team/app{i}:prod\"\nschedule = \"{schedule}\"\n"
+            "[[watch]]\nname = \"w{i}\"\nimage = \"r.io/team/app{i}:prod\"\n\
+             schedule = \"{schedule}\"\n"
         ));
     }
     s
@@ -121,7 +122,8 @@ fn intervals_come_from_the_cron_expression() {
 #[test]
 fn watches_sharing_a_reference_and_schedule_form_one_group() {
     let c = config(
-        "[[watch]]\nname = \"a\"\nimage = \"r.io/x:1\"\n[[watch]]\nname = \"b\"\nimage = \"r.io/x:1\"\n\
+        "[[watch]]\nname = \"a\"\nimage = \"r.io/x:1\"\n\
+         [[watch]]\nname = \"b\"\nimage = \"r.io/x:1\"\n\
          [[watch]]\nname = \"c\"\nimage = \"r.io/y:1\"\n\
          [[watch]]\nname = \"d\"\nimage = \"r.io/x:1\"\nschedule = \"*/10 * * * * *\"\n",
     );

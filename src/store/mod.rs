@@ -2,7 +2,10 @@
 //! outbox of deliveries, in an embedded SQLite file. A check's resolution, events and outbox
 //! rows commit in one transaction. Calls run on the blocking pool, never on async workers.
 
+mod outbox;
 mod schema;
+
+pub use outbox::{OutboxCounts, OutboxRow};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -68,6 +71,9 @@ pub struct StoredEvent {
     pub baseline: bool,
     /// Sinks that get an outbox row.
     pub sinks: Vec<String>,
+    /// Rows whose sink already has this key are not added: the same change is never sent
+    /// to a sink twice.
+    pub dedupe_key: Option<String>,
 }
 
 /// Everything one check writes, committed together.
@@ -289,16 +295,20 @@ impl Store {
     }
 }
 
+/// How long a statement waits for another process's lock before giving up.
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 fn open_blocking(path: &Path) -> Result<Connection, StoreError> {
     let open_err = |source| StoreError::Open {
         path: path.to_path_buf(),
         source,
     };
-    let conn = Connection::open_with_flags(
+    let mut conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
     )
     .map_err(open_err)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
     // Reading the version first fails on a file that is not a database, before anything is
     // written to it.
     let version: i64 = conn
@@ -312,18 +322,48 @@ fn open_blocking(path: &Path) -> Result<Connection, StoreError> {
             known,
         });
     }
-    conn.busy_timeout(std::time::Duration::from_secs(5))
-        .map_err(open_err)?;
-    conn.pragma_update(None, "journal_mode", "WAL")
-        .map_err(open_err)?;
+    // Switching a new file to WAL takes an exclusive lock, and SQLite reports a concurrent
+    // switch as busy without waiting on the busy handler; so wait here.
+    let started = std::time::Instant::now();
+    loop {
+        match conn.pragma_update(None, "journal_mode", "WAL") {
+            Ok(()) => break,
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+                    && started.elapsed() < BUSY_TIMEOUT =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(e) => return Err(open_err(e)),
+        }
+    }
     // FULL makes every commit durable before it is acknowledged, so a delivered alert can
     // always be matched to its stored event, even after a power loss.
     conn.pragma_update(None, "synchronous", "FULL")
         .map_err(open_err)?;
-    for (i, sql) in schema::MIGRATIONS.iter().enumerate().skip(version as usize) {
-        let tx = conn.unchecked_transaction().map_err(open_err)?;
-        tx.execute_batch(sql).map_err(open_err)?;
-        tx.pragma_update(None, "user_version", (i + 1) as i64)
+
+    // Each step re-reads the version under the write lock: another process (a `check` next
+    // to the daemon) may be migrating the same file at the same moment.
+    loop {
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(open_err)?;
+        let current: i64 = tx
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(open_err)?;
+        if current > known {
+            return Err(StoreError::TooNew {
+                path: path.to_path_buf(),
+                found: current,
+                known,
+            });
+        }
+        if current == known {
+            break;
+        }
+        tx.execute_batch(schema::MIGRATIONS[current as usize])
+            .map_err(open_err)?;
+        tx.pragma_update(None, "user_version", current + 1)
             .map_err(open_err)?;
         tx.commit().map_err(open_err)?;
     }
@@ -400,9 +440,11 @@ fn commit_one(
         ])?;
         for sink in &ev.sinks {
             tx.prepare_cached(
-                "INSERT INTO outbox (event_id, sink, next_attempt_at) VALUES (?1, ?2, ?3)",
+                "INSERT OR IGNORE INTO outbox (event_id, sink, next_attempt_at, created_at,
+                                               dedupe_key)
+                 VALUES (?1, ?2, ?3, ?3, ?4)",
             )?
-            .execute(params![ev.envelope.id, sink, checked_at])?;
+            .execute(params![ev.envelope.id, sink, checked_at, ev.dedupe_key])?;
         }
     }
     Ok(())

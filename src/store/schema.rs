@@ -47,4 +47,13 @@ pub(super) const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX outbox_pending ON outbox (sink, delivered_at, dead_at, next_attempt_at);
     "#,
+    // 2: when a row was stored (for its maximum age), and a key that keeps the same change
+    // from reaching a sink twice.
+    r#"
+    ALTER TABLE outbox ADD COLUMN created_at TEXT;
+    UPDATE outbox SET created_at = next_attempt_at WHERE created_at IS NULL;
+    ALTER TABLE outbox ADD COLUMN dedupe_key TEXT;
+    CREATE UNIQUE INDEX outbox_dedupe ON outbox (sink, dedupe_key);
+    CREATE INDEX outbox_undelivered ON outbox (delivered_at, dead_at);
+    "#,
 ];

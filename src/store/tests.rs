@@ -60,6 +60,7 @@ fn event(kind: EventType, sinks: &[&str]) -> StoredEvent {
         envelope: Envelope::new(Change::new(kind, "r.io/team/api:prod"), &ctx),
         baseline: false,
         sinks: sinks.iter().map(|s| s.to_string()).collect(),
+        dedupe_key: None,
     }
 }
 
@@ -185,4 +186,22 @@ async fn a_failed_transaction_leaves_nothing_behind() {
     assert!(result.is_err());
     assert!(store.history(None, 10).await.unwrap().is_empty());
     assert!(store.watch_rows().await.unwrap().is_empty());
+}
+
+#[test]
+fn two_processes_opening_a_new_file_at_once_both_succeed() {
+    // The daemon and a `check` may migrate the same new file at the same moment.
+    for _ in 0..10 {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let p = path.clone();
+                std::thread::spawn(move || open_blocking(&p).map(|_| ()))
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap().expect("a concurrent open must succeed");
+        }
+    }
 }

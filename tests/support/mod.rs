@@ -8,7 +8,10 @@ pub mod cli;
 pub mod fake;
 pub mod oci;
 pub mod push;
+pub mod receiver;
 pub mod registry;
+pub mod smtp;
+pub mod webhooks;
 
 pub use cli::{
     DriftwatchProcess, TestDir, driftwatch_bin, driftwatch_command, run_driftwatch,
@@ -17,4 +20,6 @@ pub use cli::{
 pub use fake::{Auth, Behavior, FakeRegistry, RecordedRequest, TokenRequest};
 pub use oci::{Descriptor, Platform, PushedManifest, sha256_digest};
 pub use push::Pusher;
+pub use receiver::{Received, Receiver, Respond};
 pub use registry::Registry;
+pub use smtp::{Mail, MimePart, SmtpServer};
