@@ -210,7 +210,7 @@ timeout "$RUN_TIMEOUT" /usr/bin/hey -m HEAD -c "$HEY_C" -n "$HEY_N" \
 }
 HEY_RPS=$(awk '/Requests\/sec:/ {print $2; exit}' "$TMP/hey.txt")
 [[ -n $HEY_RPS ]] || { cat "$TMP/hey.txt" >&2; die "no Requests/sec in hey output"; }
-HEY_CODES=$(awk '/Status code distribution:/ {on = 1; next} on && /\[[0-9]+\]/ {gsub(/^[ \t]+/, ""); printf "%s%s", sep, $0; sep = ", "} on && /^$/ && sep {exit}' "$TMP/hey.txt")
+HEY_CODES=$(awk '/Status code distribution:/ {on = 1; next} on && /\[[0-9]+\]/ {gsub(/^[ \t]+/, ""); gsub(/\t/, " "); printf "%s%s", sep, $0; sep = ", "} on && /^$/ && sep {exit}' "$TMP/hey.txt")
 
 # ---- figures -------------------------------------------------------------------------
 med_sum=${S_SUM[MED]}
@@ -235,7 +235,7 @@ BEGIN {
     printf "steady-state check, %d tags (median of %d): wall %.2f s, %.0f tags/s, %.2f requests/tag, peak RSS %.1f MB, CPU %.2f s (%.0f µs/check)\n", tags, runs, w, tps, req / tags, rss / 1024, cpu, cpu / tags * 1e6
     printf "  watches: %d checked, %d ok, %d failed; %d events; %d registry requests\n", checked, ok, failed, events, req
     printf "empty check, 0 watches: wall %.3f s, peak RSS %.1f MB, CPU %.2f s (user %.2f + sys %.2f)\n", ewall / 1e9, erss / 1024, euser + esys, euser, esys
-    printf "hey -m HEAD -c %d -n %d: %.0f req/s [%s]; driftwatch/hey = %.0f %%\n", hc, hn, hey, codes, tps / hey * 100
+    printf "hey -m HEAD -c %d -n %d: %.0f req/s (status %s); driftwatch/hey = %.0f %%\n", hc, hn, hey, codes, tps / hey * 100
 }'
 if [[ $failed != 0 || $checked != "$TAGS" ]]; then
     echo "WARNING: steady-state check did not check all $TAGS watches cleanly: $med_sum" >&2

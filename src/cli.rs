@@ -338,10 +338,16 @@ async fn inspect(config: &Config, reference: &str, format: Format) -> anyhow::Re
         Reference::parse(reference).with_context(|| format!("invalid reference {reference:?}"))?;
     let registries = registries(config);
     let observation = resolve::fetch_evidence(&registries, &r).await?;
-    let Observation::Present(e) = observation else {
+    let Observation::Present(mut e) = observation else {
         eprintln!("{r}: not found");
         return Ok(EXIT_NOT_FOUND);
     };
+    // Referrers are shown when they can be listed; a registry that refuses the listing does
+    // not hide the rest of the evidence.
+    match resolve::referrers(&registries, &r, &e.digest).await {
+        Ok(list) => e.referrers = list,
+        Err(err) => tracing::warn!(cause = %error_chain(&err), "referrers could not be listed"),
+    }
     match format {
         Format::Json => println!("{}", serde_json::to_string(&inspect_json(&r, &e))?),
         Format::Text => print!("{}", inspect_text(&r, &e)),
@@ -416,6 +422,16 @@ fn inspect_text(r: &Reference, e: &ManifestEvidence) -> String {
         let label = if i == 0 { "annotations" } else { "" };
         let _ = writeln!(s, "{label:<12}{k}={v}");
     }
+    for (i, r) in e.referrers.iter().enumerate() {
+        let label = if i == 0 { "referrers" } else { "" };
+        let _ = writeln!(
+            s,
+            "{label:<12}{}  {}  ({})",
+            r.digest,
+            r.artifact_type.as_deref().unwrap_or("-"),
+            r.source.as_deref().unwrap_or("-")
+        );
+    }
     s
 }
 
@@ -431,15 +447,19 @@ async fn verify(
         .map(crate::model::Digest::parse)
         .transpose()
         .context("invalid --expect-digest")?;
-    if !require_referrer.is_empty() {
-        // Referrer discovery is not built yet; answering "holds" or "does not hold" without
-        // looking would be a lie either way.
-        anyhow::bail!("--require-referrer needs referrer discovery, which this build lacks");
+    for t in require_referrer {
+        let alias = crate::model::REFERRER_ALIASES.iter().any(|(a, _)| a == t);
+        if !alias && !t.contains('/') {
+            anyhow::bail!(
+                "--require-referrer {t:?} is neither an alias (signature, sbom, provenance) nor \
+                 an artifact type such as application/spdx+json"
+            );
+        }
     }
     let registries = registries(config);
     let mut resolved = None;
     if let Some(t) = r.tag_only() {
-        match resolve::observe(&registries, &t, None).await? {
+        match resolve::observe(&registries, &t, None, false).await? {
             Observation::Present(e) => resolved = Some(e.digest),
             Observation::Absent { code, .. } => {
                 println!("does not hold: {t} does not exist ({code})");
@@ -448,7 +468,9 @@ async fn verify(
         }
     }
     if let Some(d) = r.digest_only() {
-        if let Observation::Absent { code, .. } = resolve::observe(&registries, &d, None).await? {
+        if let Observation::Absent { code, .. } =
+            resolve::observe(&registries, &d, None, false).await?
+        {
             println!("does not hold: {d} does not exist ({code})");
             return Ok(EXIT_DRIFT);
         }
@@ -468,6 +490,21 @@ async fn verify(
     if let Some(want) = expect.filter(|w| *w != digest) {
         println!("does not hold: {r} resolves to {digest}, not {want}");
         return Ok(EXIT_DRIFT);
+    }
+    if !require_referrer.is_empty() {
+        let found = resolve::referrers(&registries, &r, &digest).await?;
+        let missing: Vec<&str> = require_referrer
+            .iter()
+            .filter(|t| !found.iter().any(|f| f.satisfies(t)))
+            .map(String::as_str)
+            .collect();
+        if !missing.is_empty() {
+            println!(
+                "does not hold: {r} ({digest}) has no referrer of type {}",
+                missing.join(", ")
+            );
+            return Ok(EXIT_DRIFT);
+        }
     }
     println!("holds: {r} resolves to {digest}");
     Ok(EXIT_OK)

@@ -62,8 +62,9 @@ pub async fn run_cycle(
     let states = store.load_states(keys).await?;
 
     // The same tag or digest named by several watches is looked up once. Stored evidence for
-    // each target lets an unchanged one cost a single HEAD.
-    let mut targets: HashMap<Reference, Option<ManifestEvidence>> = HashMap::new();
+    // each target lets an unchanged one cost a single HEAD. Referrers are looked up for a
+    // target when any watch naming it asks for them.
+    let mut targets: HashMap<Reference, (Option<ManifestEvidence>, bool)> = HashMap::new();
     for w in watches {
         let last = states.get(&w.name).and_then(|s| s.last.as_ref());
         let known_tag = last
@@ -77,21 +78,23 @@ pub async fn run_cycle(
             (w.reference.digest_only(), known_pin),
         ] {
             if let Some(t) = target {
-                let slot = targets.entry(t).or_insert(None);
-                if slot.is_none() {
-                    *slot = known.cloned();
+                let slot = targets.entry(t).or_insert((None, false));
+                if slot.0.is_none() {
+                    slot.0 = known.cloned();
                 }
+                slot.1 |= w.referrers || !w.require_referrers.is_empty();
             }
         }
     }
 
     let mut tasks = JoinSet::new();
-    for (target, known) in targets {
+    for (target, (known, referrers)) in targets {
         let registries = registries.clone();
         let span = tracing::debug_span!("resolve", image.ref = %target);
         tasks.spawn(
             async move {
-                let result = resolve::observe(&registries, &target, known.as_ref()).await;
+                let result =
+                    resolve::observe(&registries, &target, known.as_ref(), referrers).await;
                 (target, result.map_err(Arc::new))
             }
             .instrument(span),
@@ -187,6 +190,8 @@ fn policy(w: &Watch, config: &Config) -> Policy {
         pinned: w.reference.digest().cloned(),
         platforms: w.platforms.clone(),
         failing_after: config.daemon.failing_after,
+        track_referrers: w.referrers,
+        require_referrers: w.require_referrers.clone(),
     }
 }
 

@@ -10,7 +10,23 @@ use crate::registry::{Fetched, ManifestLookup, Registries, RegistryError};
 /// `known` is evidence already stored for some digest of this target; when the HEAD answers
 /// with that digest, it is reused instead of fetching the body again, so an unchanged tag
 /// costs exactly one request.
+///
+/// With `referrers`, the referrers of the digest found are discovered too (see
+/// [`referrers`]); they change without the digest changing, so they are looked up every time.
 pub async fn observe(
+    registries: &Registries,
+    target: &Reference,
+    known: Option<&ManifestEvidence>,
+    referrers: bool,
+) -> Result<Observation, RegistryError> {
+    let mut observation = observe_manifest(registries, target, known).await?;
+    if let (Observation::Present(e), true) = (&mut observation, referrers) {
+        e.referrers = self::referrers(registries, target, &e.digest).await?;
+    }
+    Ok(observation)
+}
+
+async fn observe_manifest(
     registries: &Registries,
     target: &Reference,
     known: Option<&ManifestEvidence>,
@@ -72,6 +88,75 @@ pub async fn observe(
             last_digest: None,
         }),
     }
+}
+
+/// The referrers of `subject` in `target`'s repository, from every source there is: the
+/// referrers API, or the referrers tag schema where the registry lacks the API, plus cosign's
+/// `sha256-<hex>.sig|.att|.sbom` tags. Sorted by digest, each once.
+///
+/// Cost per call: one request to the API (or, without it, the tag schema's index when its
+/// tag exists), one tag listing (more pages for repositories with over 1,000 tags), and one
+/// HEAD per cosign tag present.
+pub async fn referrers(
+    registries: &Registries,
+    target: &Reference,
+    subject: &crate::model::Digest,
+) -> Result<Vec<crate::model::Referrer>, RegistryError> {
+    use crate::registry::referrers::{
+        ApiAnswer, COSIGN_ATTESTATION, COSIGN_SBOM, COSIGN_SIGNATURE, parse_index, schema_tag,
+    };
+    let client = registries.client(target.registry())?;
+    let repo = target.repository();
+    let (mut found, api) = match client.referrers_api(repo, subject, None).await? {
+        ApiAnswer::Supported(list) => (list, true),
+        ApiAnswer::NoRepository => return Ok(Vec::new()),
+        ApiAnswer::Unsupported => (Vec::new(), false),
+    };
+
+    let tags = client.tags(repo).await?.unwrap_or_default();
+    let schema = schema_tag(subject);
+    if !api && tags.contains(&schema) {
+        // A tag-schema tag that is missing or not an index means no referrers.
+        if let ManifestLookup::Found(f) = client.get_manifest(repo, &schema, None).await?
+            && crate::registry::manifest::is_index_type(&f.media_type)
+        {
+            {
+                let list = parse_index(&f.body, "tag-schema").map_err(|reason| {
+                    RegistryError::Malformed {
+                        registry: target.registry().to_string(),
+                        what: format!("{repo}:{schema}"),
+                        reason,
+                    }
+                })?;
+                found.extend(list);
+            }
+        }
+    }
+    for (suffix, artifact_type) in [
+        (".sig", COSIGN_SIGNATURE),
+        (".att", COSIGN_ATTESTATION),
+        (".sbom", COSIGN_SBOM),
+    ] {
+        let tag = format!("{schema}{suffix}");
+        if !tags.contains(&tag) {
+            continue;
+        }
+        if let ManifestLookup::Found(h) = client.head_manifest(repo, &tag).await? {
+            let Some(digest) = h.digest else { continue };
+            let mut annotations = std::collections::BTreeMap::new();
+            annotations.insert("dev.driftwatch.cosign.tag".to_string(), tag);
+            found.push(crate::model::Referrer {
+                digest,
+                artifact_type: Some(artifact_type.to_string()),
+                media_type: h.media_type,
+                annotations,
+                source: Some("cosign-tag".to_string()),
+            });
+        }
+    }
+    found.sort_by(|a, b| a.digest.cmp(&b.digest));
+    found.dedup_by(|a, b| a.digest == b.digest);
+    Ok(found)
 }
 
 /// Fetches the full evidence for a reference (by digest when it has one), for `inspect`.

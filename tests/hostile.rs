@@ -35,7 +35,7 @@ fn pinned(fake: &FakeRegistry, digest: &str) -> Reference {
 }
 
 async fn fails(fake: &FakeRegistry, r: &Reference) -> RegistryError {
-    match observe(&registries(fake, Auth::Anonymous), r, None).await {
+    match observe(&registries(fake, Auth::Anonymous), r, None, false).await {
         Err(e) => e,
         Ok(o) => panic!("expected a failure, got {o:?}"),
     }
@@ -119,6 +119,7 @@ async fn server_errors_are_retried_within_a_bound() {
         &registries(&fake, Auth::Anonymous),
         &tag(&fake, "flaky"),
         None,
+        false,
     )
     .await
     .unwrap();
@@ -148,6 +149,7 @@ async fn retry_after_is_honoured() {
         &registries(&fake, Auth::Anonymous),
         &tag(&fake, "slow"),
         None,
+        false,
     )
     .await
     .unwrap();
@@ -177,6 +179,7 @@ async fn not_found_is_authoritative_only_with_a_registry_error_code() {
         &registries(&fake, Auth::Anonymous),
         &tag(&fake, "gone"),
         None,
+        false,
     )
     .await
     .unwrap();
@@ -216,7 +219,9 @@ async fn an_unchanged_tag_costs_one_head() {
     let fake = FakeRegistry::start().await;
     fake.set("prod", Behavior::serve_manifest("a"));
     let regs = registries(&fake, Auth::Anonymous);
-    let first = observe(&regs, &tag(&fake, "prod"), None).await.unwrap();
+    let first = observe(&regs, &tag(&fake, "prod"), None, false)
+        .await
+        .unwrap();
     let Observation::Present(known) = first else {
         panic!("expected present")
     };
@@ -224,7 +229,7 @@ async fn an_unchanged_tag_costs_one_head() {
     assert_eq!(known.layers.len(), 1);
 
     fake.clear_requests();
-    let again = observe(&regs, &tag(&fake, "prod"), Some(&known))
+    let again = observe(&regs, &tag(&fake, "prod"), Some(&known), false)
         .await
         .unwrap();
     let Observation::Present(e) = again else {
@@ -254,6 +259,7 @@ async fn a_missing_digest_header_on_head_by_tag_falls_back_to_hashing() {
         &registries(&fake, Auth::Anonymous),
         &tag(&fake, "prod"),
         None,
+        false,
     )
     .await
     .unwrap();
@@ -269,8 +275,8 @@ async fn bearer_tokens_are_cached_and_renewed_after_a_401() {
     fake.set("prod", Behavior::serve_manifest("a"));
     let regs = registries(&fake, Auth::Anonymous);
     let r = tag(&fake, "prod");
-    observe(&regs, &r, None).await.unwrap();
-    observe(&regs, &r, None).await.unwrap();
+    observe(&regs, &r, None, false).await.unwrap();
+    observe(&regs, &r, None, false).await.unwrap();
     assert_eq!(
         fake.token_requests().len(),
         1,
@@ -283,7 +289,7 @@ async fn bearer_tokens_are_cached_and_renewed_after_a_401() {
 
     // A token the registry stops accepting is replaced once, transparently.
     fake.revoke_tokens();
-    observe(&regs, &r, None).await.unwrap();
+    observe(&regs, &r, None, false).await.unwrap();
     assert_eq!(fake.token_requests().len(), 2);
 }
 
@@ -302,7 +308,7 @@ async fn basic_credentials_are_sent_when_the_registry_asks() {
         username: "u".into(),
         password: "p".to_string().into(),
     };
-    let o = observe(&registries(&fake, auth), &tag(&fake, "prod"), None)
+    let o = observe(&registries(&fake, auth), &tag(&fake, "prod"), None, false)
         .await
         .unwrap();
     assert!(matches!(o, Observation::Present(_)));
@@ -310,7 +316,7 @@ async fn basic_credentials_are_sent_when_the_registry_asks() {
         username: "u".into(),
         password: "nope".to_string().into(),
     };
-    let e = observe(&registries(&fake, wrong), &tag(&fake, "prod"), None)
+    let e = observe(&registries(&fake, wrong), &tag(&fake, "prod"), None, false)
         .await
         .unwrap_err();
     assert!(matches!(e, RegistryError::Unauthorized { .. }), "{e}");

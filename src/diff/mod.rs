@@ -22,6 +22,10 @@ pub struct Policy {
     pub platforms: Vec<String>,
     /// Consecutive failures before `check.failing`.
     pub failing_after: u32,
+    /// Whether referrers of the watched digest are tracked (`referrers.lost`/`added`).
+    pub track_referrers: bool,
+    /// Artifact types or aliases that must have a referrer (`referrers.missing`).
+    pub require_referrers: Vec<String>,
 }
 
 /// The stored state of a watch between checks.
@@ -123,6 +127,15 @@ pub fn diff(policy: &Policy, prev: &WatchState, outcome: Outcome) -> Diff {
                     &mut changes,
                 );
             }
+            // Referrers belong to the digest the watch stands for: the tag's, else the pin's.
+            let (prev_primary, cur_primary) = match &policy.tag_subject {
+                Some(_) => (last.and_then(|l| l.tag.as_ref()), res.tag.as_ref()),
+                None => (last.and_then(|l| l.pinned.as_ref()), res.pinned.as_ref()),
+            };
+            if let Some(Observation::Present(c)) = cur_primary {
+                let prev = prev_primary.and_then(Observation::evidence);
+                referrer_changes(policy, &subject, prev, c, &mut changes);
+            }
 
             let resolution_changed = match last {
                 None => true,
@@ -223,7 +236,7 @@ fn tag_changes(
         }
         (Some(Observation::Present(p)), Observation::Absent { code, .. }) => {
             let mut c = change(EventType::TagDeleted, subject, Some(p), None);
-            c.detail = json!({"code": code});
+            c.detail = json!({"code": code, "lost_referrers": p.referrers});
             out.push(c);
         }
         (Some(Observation::Absent { last_digest, .. }), Observation::Present(c)) => {
@@ -254,13 +267,72 @@ fn pin_changes(
                 prev.and_then(Observation::evidence),
                 None,
             );
-            c.detail = json!({"code": code, "soft_delete": null});
+            let lost = prev
+                .and_then(Observation::evidence)
+                .map(|p| p.referrers.clone());
+            c.detail = json!({
+                "code": code,
+                "soft_delete": null,
+                "lost_referrers": lost.unwrap_or_default(),
+            });
             out.push(c);
         }
         (Some(Observation::Absent { .. }), Observation::Present(c)) => {
             out.push(change(EventType::DigestRestored, subject, None, Some(c)));
         }
         _ => {}
+    }
+}
+
+fn referrer_changes(
+    policy: &Policy,
+    subject: &str,
+    prev: Option<&ManifestEvidence>,
+    cur: &ManifestEvidence,
+    out: &mut Vec<Change>,
+) {
+    // Referrer sets are compared only for the same subject; a new digest has its own.
+    let same_subject = prev.filter(|p| p.digest == cur.digest);
+    if let (true, Some(p)) = (policy.track_referrers, same_subject) {
+        let gone = |a: &[crate::model::Referrer], b: &[crate::model::Referrer]| -> Vec<_> {
+            a.iter()
+                .filter(|r| !b.iter().any(|x| x.digest == r.digest))
+                .cloned()
+                .collect()
+        };
+        let lost = gone(&p.referrers, &cur.referrers);
+        let added = gone(&cur.referrers, &p.referrers);
+        if !lost.is_empty() {
+            let mut c = change(EventType::ReferrersLost, subject, Some(p), Some(cur));
+            c.detail = json!({"lost": lost});
+            out.push(c);
+        }
+        if !added.is_empty() {
+            let mut c = change(EventType::ReferrersAdded, subject, Some(p), Some(cur));
+            c.detail = json!({"added": added});
+            out.push(c);
+        }
+    }
+    let missing = |e: &ManifestEvidence| -> Vec<String> {
+        policy
+            .require_referrers
+            .iter()
+            .filter(|t| !e.referrers.iter().any(|r| r.satisfies(t)))
+            .cloned()
+            .collect()
+    };
+    let now = missing(cur);
+    // Reported when it starts, or when what is missing changes; not on every check.
+    let before = same_subject.map(missing).unwrap_or_default();
+    if !now.is_empty() && now != before {
+        let mut c = change(
+            EventType::ReferrersMissing,
+            subject,
+            same_subject,
+            Some(cur),
+        );
+        c.detail = json!({"missing": now, "digest": cur.digest});
+        out.push(c);
     }
 }
 

@@ -69,6 +69,8 @@ fn tag_policy() -> Policy {
         pinned: None,
         platforms: vec![],
         failing_after: 3,
+        track_referrers: false,
+        require_referrers: vec![],
     }
 }
 
@@ -79,6 +81,8 @@ fn pin_policy() -> Policy {
         pinned: Some(dg('a')),
         platforms: vec![],
         failing_after: 3,
+        track_referrers: false,
+        require_referrers: vec![],
     }
 }
 
@@ -325,4 +329,142 @@ fn a_failure_between_two_moves_still_reports_the_move_from_the_stored_digest() {
     );
     assert_eq!(kinds(&d2), ["tag.moved"]);
     assert_eq!(d2.changes[0].previous.as_ref().unwrap().digest, dg('a'));
+}
+
+fn referrer(c: char, artifact_type: &str) -> crate::model::Referrer {
+    crate::model::Referrer {
+        digest: dg(c),
+        artifact_type: Some(artifact_type.into()),
+        media_type: OCI_MANIFEST.into(),
+        annotations: Default::default(),
+        source: Some("api".into()),
+    }
+}
+
+fn signed(c: char, referrers: Vec<crate::model::Referrer>) -> Observation {
+    let Observation::Present(mut e) = image(c) else {
+        unreachable!()
+    };
+    e.referrers = referrers;
+    Observation::Present(e)
+}
+
+const NOTARY: &str = "application/vnd.cncf.notary.signature";
+const SPDX: &str = "application/spdx+json";
+
+#[test]
+fn referrer_sets_of_the_same_digest_are_compared() {
+    let policy = Policy {
+        track_referrers: true,
+        ..tag_policy()
+    };
+    let prev = state(Some(res(
+        Some(signed(
+            'a',
+            vec![referrer('1', NOTARY), referrer('2', SPDX)],
+        )),
+        None,
+    )));
+    let d = diff(
+        &policy,
+        &prev,
+        Outcome::Resolved(res(Some(signed('a', vec![referrer('2', SPDX)])), None)),
+    );
+    assert_eq!(kinds(&d), ["referrers.lost"]);
+    assert_eq!(d.changes[0].detail["lost"][0]["artifact_type"], NOTARY);
+    assert!(
+        d.resolution_changed,
+        "a changed referrer set is a new resolution"
+    );
+
+    let d = diff(
+        &policy,
+        &d.next,
+        Outcome::Resolved(res(
+            Some(signed(
+                'a',
+                vec![referrer('2', SPDX), referrer('3', NOTARY)],
+            )),
+            None,
+        )),
+    );
+    assert_eq!(kinds(&d), ["referrers.added"]);
+
+    // Untracked watches say nothing about referrers.
+    let quiet = diff(
+        &tag_policy(),
+        &prev,
+        Outcome::Resolved(res(Some(signed('a', vec![])), None)),
+    );
+    assert!(quiet.changes.is_empty());
+}
+
+#[test]
+fn a_required_signature_missing_is_reported_once_and_again_after_a_move() {
+    let policy = Policy {
+        require_referrers: vec!["signature".into()],
+        ..tag_policy()
+    };
+    let s0 = state(Some(res(
+        Some(signed('a', vec![referrer('1', NOTARY)])),
+        None,
+    )));
+    // The tag moves to an unsigned digest.
+    let d1 = diff(
+        &policy,
+        &s0,
+        Outcome::Resolved(res(Some(signed('b', vec![])), None)),
+    );
+    assert_eq!(kinds(&d1), ["tag.moved", "referrers.missing"]);
+    assert_eq!(d1.changes[1].detail["missing"][0], "signature");
+    // Still unsigned: no repeat.
+    let d2 = diff(
+        &policy,
+        &d1.next,
+        Outcome::Resolved(res(Some(signed('b', vec![])), None)),
+    );
+    assert!(d2.changes.is_empty());
+    // The signature is removed from a signed digest: missing, without tracking enabled.
+    let d3 = diff(
+        &policy,
+        &s0,
+        Outcome::Resolved(res(Some(signed('a', vec![referrer('2', SPDX)])), None)),
+    );
+    assert_eq!(kinds(&d3), ["referrers.missing"]);
+}
+
+#[test]
+fn a_deleted_subject_reports_its_referrers_in_one_event() {
+    let policy = Policy {
+        track_referrers: true,
+        ..pin_policy()
+    };
+    let prev = state(Some(res(
+        None,
+        Some(signed(
+            'a',
+            vec![referrer('1', NOTARY), referrer('2', SPDX)],
+        )),
+    )));
+    let d = diff(&policy, &prev, Outcome::Resolved(res(None, Some(absent()))));
+    assert_eq!(kinds(&d), ["digest.deleted"]);
+    assert_eq!(
+        d.changes[0].detail["lost_referrers"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+}
+
+#[test]
+fn aliases_match_their_artifact_types() {
+    assert!(referrer('1', NOTARY).satisfies("signature"));
+    assert!(
+        referrer('1', "application/vnd.dev.cosign.artifact.sig.v1+json").satisfies("signature")
+    );
+    assert!(referrer('1', SPDX).satisfies("sbom"));
+    assert!(referrer('1', SPDX).satisfies(SPDX));
+    assert!(!referrer('1', SPDX).satisfies("signature"));
+    assert!(referrer('1', "application/vnd.in-toto+json").satisfies("provenance"));
 }

@@ -64,6 +64,55 @@ pub struct Referrer {
     /// Its annotations.
     #[serde(default)]
     pub annotations: BTreeMap<String, String>,
+    /// Where it was found: `api` (the referrers API), `tag-schema` (the referrers tag
+    /// schema's index), or `cosign-tag` (a `sha256-<hex>.sig|.att|.sbom` tag).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+}
+
+/// Artifact types each `require_referrers` alias stands for.
+pub const REFERRER_ALIASES: &[(&str, &[&str])] = &[
+    (
+        "signature",
+        &[
+            "application/vnd.cncf.notary.signature",
+            "application/vnd.dev.cosign.artifact.sig.v1+json",
+        ],
+    ),
+    (
+        "sbom",
+        &[
+            "application/spdx+json",
+            "text/spdx",
+            "application/vnd.cyclonedx+json",
+            "application/vnd.dev.cosign.artifact.sbom.v1+json",
+        ],
+    ),
+    (
+        "provenance",
+        &[
+            "application/vnd.in-toto+json",
+            "application/vnd.dev.sigstore.bundle.v0.3+json",
+            "application/vnd.dev.cosign.artifact.att.v1+json",
+        ],
+    ),
+];
+
+impl Referrer {
+    /// Whether this referrer satisfies `required`: an alias (`signature`, `sbom`,
+    /// `provenance`) or an exact artifact type.
+    pub fn satisfies(&self, required: &str) -> bool {
+        let Some(t) = self.artifact_type.as_deref() else {
+            return false;
+        };
+        match REFERRER_ALIASES
+            .iter()
+            .find(|(alias, _)| *alias == required)
+        {
+            Some((_, types)) => types.contains(&t),
+            None => t == required,
+        }
+    }
 }
 
 /// How the digest of an observation was confirmed during the check that recorded it.

@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod error;
 pub mod manifest;
+pub mod referrers;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -194,7 +195,13 @@ impl RegistryClient {
     ) -> Result<ManifestLookup<HeadInfo>, RegistryError> {
         let what = format!("{repository}:{reference}");
         let (resp, _permit) = self
-            .send(Method::HEAD, repository, reference, &what)
+            .send(
+                Method::HEAD,
+                &manifest_path(repository, reference),
+                repository,
+                manifest::ACCEPT,
+                &what,
+            )
             .await?;
         match resp.status() {
             StatusCode::OK => {
@@ -229,7 +236,10 @@ impl RegistryClient {
         expect: Option<&Digest>,
     ) -> Result<ManifestLookup<Fetched>, RegistryError> {
         let what = format!("{repository}:{reference}");
-        let (resp, _permit) = self.send(Method::GET, repository, reference, &what).await?;
+        let path = manifest_path(repository, reference);
+        let (resp, _permit) = self
+            .send(Method::GET, &path, repository, manifest::ACCEPT, &what)
+            .await?;
         let status = resp.status();
         if status == StatusCode::NOT_FOUND {
             let body = read_capped(resp, 64 * 1024).await.unwrap_or_default();
@@ -340,11 +350,12 @@ impl RegistryClient {
     async fn send(
         &self,
         method: Method,
+        path: &str,
         repository: &str,
-        reference: &str,
+        accept: &str,
         what: &str,
     ) -> Result<(Response, OwnedSemaphorePermit), RegistryError> {
-        let url = format!("{}/v2/{repository}/manifests/{reference}", self.base);
+        let url = format!("{}{path}", self.base);
         let scope = format!("repository:{repository}:pull");
         let mut attempt = 0;
         let mut reauthenticated = false;
@@ -361,7 +372,7 @@ impl RegistryClient {
             let mut req = self
                 .http
                 .request(method.clone(), &url)
-                .header(ACCEPT, manifest::ACCEPT);
+                .header(ACCEPT, accept);
             if let Some(h) = &authorization {
                 req = req.header(AUTHORIZATION, h);
             }
@@ -527,6 +538,10 @@ impl RegistryClient {
             .map_err(|_| token_error("unreadable or oversized answer".to_string()))?;
         auth::parse_token_answer(&body, Instant::now()).map_err(token_error)
     }
+}
+
+fn manifest_path(repository: &str, reference: &str) -> String {
+    format!("/v2/{repository}/manifests/{reference}")
 }
 
 fn content_type(resp: &Response) -> String {

@@ -172,6 +172,8 @@ struct FakeState {
     port: u16,
     by_reference: HashMap<String, Script>,
     by_name_and_reference: HashMap<(String, String), Script>,
+    /// Answers for any other path (with its query), e.g. referrers pages and tag lists.
+    by_path: HashMap<String, Script>,
     auth: Auth,
     /// Valid tokens and when each expires; revocation simply forgets them.
     tokens: HashMap<String, Instant>,
@@ -215,6 +217,7 @@ impl FakeRegistry {
             port,
             by_reference: HashMap::new(),
             by_name_and_reference: HashMap::new(),
+            by_path: HashMap::new(),
             auth: Auth::None,
             tokens: HashMap::new(),
             token_counter: 0,
@@ -292,6 +295,14 @@ impl FakeRegistry {
             (name.to_owned(), reference.to_owned()),
             Script::new(behavior),
         );
+    }
+
+    /// Scripts the answer for a GET of `path_and_query` outside the manifest routes, such as
+    /// `/v2/team/api/referrers/sha256:…` or `/v2/team/api/tags/list?n=1000`.
+    pub fn set_path(&self, path_and_query: &str, behavior: Behavior) {
+        lock(&self.state)
+            .by_path
+            .insert(path_and_query.to_owned(), Script::new(behavior));
     }
 
     /// Forgets every script, so all references answer 404 again.
@@ -385,6 +396,21 @@ async fn route(state: &Shared, method: &Method, uri: &Uri, headers: &HeaderMap) 
             return denied;
         }
         return json_response(StatusCode::OK, "{}".to_owned());
+    }
+    let full = match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_owned(),
+    };
+    let scripted = lock(state).by_path.get_mut(&full).map(Script::take);
+    if let Some(behavior) = scripted {
+        let name = path
+            .strip_prefix("/v2/")
+            .and_then(|r| r.split_once('/'))
+            .map(|(n, _)| n);
+        if let Some(denied) = check_auth(state, headers, name) {
+            return denied;
+        }
+        return respond(behavior, method == Method::HEAD).await;
     }
     let Some((name, reference)) = path
         .strip_prefix("/v2/")
