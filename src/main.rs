@@ -10,10 +10,15 @@ use tracing_subscriber::EnvFilter;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // The daemon spreads its work over every core; a one-shot command is mostly waiting on
+    // the network, and one thread avoids handing each answer between workers.
+    let builder = match cli.command {
+        cli::Command::Run => tokio::runtime::Builder::new_multi_thread(),
+        _ => tokio::runtime::Builder::new_current_thread(),
+    }
+    .enable_all()
+    .build();
+    let runtime = match builder {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("driftwatch: error: cannot start the async runtime: {e}");

@@ -205,7 +205,9 @@ impl Store {
         watches: Vec<(String, String)>,
     ) -> Result<HashMap<String, WatchState>, StoreError> {
         self.with(move |conn| {
-            let mut stmt = conn.prepare_cached(
+            // One read transaction for all of them, rather than a lock round trip per watch.
+            let tx = conn.transaction()?;
+            let mut stmt = tx.prepare_cached(
                 "SELECT w.reference, w.consecutive_failures, w.failing, r.evidence
                  FROM watches w LEFT JOIN resolutions r ON r.id = w.last_resolution
                  WHERE w.name = ?1",
@@ -234,6 +236,8 @@ impl Store {
                 };
                 out.insert(name, state);
             }
+            drop(stmt);
+            tx.commit()?;
             Ok(out)
         })
         .await
