@@ -498,3 +498,61 @@ async fn alert_test_reports_delivery_and_failure() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("sink down"));
 }
+
+#[tokio::test]
+async fn past_the_rate_limit_alerts_are_folded_into_one_batch_not_dropped() {
+    let registry = Registry::start().await;
+    let push = registry.pusher();
+    let repos = ["a", "b", "c", "d", "e"];
+    for r in repos {
+        push.push_image(&format!("team/{r}"), Some("prod"), r).await;
+    }
+    let receiver = Receiver::start();
+    let dir = TestDir::new();
+    dir.write_config(&config(
+        &registry,
+        &repos,
+        &webhook_sink(&receiver, "max_per_minute = 2"),
+    ));
+    check(&dir);
+    for r in repos {
+        push.push_image(&format!("team/{r}"), Some("prod"), &format!("{r}1"))
+            .await;
+    }
+    let events = check(&dir);
+    assert_eq!(events.len(), 5);
+    let got = receiver.wait_for(3, WAIT);
+    assert_eq!(got.len(), 3, "two single deliveries and one batch");
+    let singles: Vec<_> = got
+        .iter()
+        .filter(|r| r.header("content-type") == Some("application/cloudevents+json"))
+        .collect();
+    let batches: Vec<_> = got
+        .iter()
+        .filter(|r| r.header("content-type") == Some("application/cloudevents-batch+json"))
+        .collect();
+    assert_eq!((singles.len(), batches.len()), (2, 1));
+    let batch = batches[0].json();
+    assert_eq!(batch.as_array().unwrap().len(), 3);
+    verify(&test_secret(), batches[0]).expect("a batch is signed too");
+
+    // Every event was delivered once, in one form or the other.
+    let mut ids: Vec<String> = singles
+        .iter()
+        .map(|r| r.json()["id"].as_str().unwrap().to_string())
+        .collect();
+    ids.extend(
+        batch
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["id"].as_str().unwrap().to_string()),
+    );
+    ids.sort();
+    let mut stored: Vec<String> = events
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_string())
+        .collect();
+    stored.sort();
+    assert_eq!(ids, stored);
+}
