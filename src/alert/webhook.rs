@@ -120,24 +120,12 @@ impl Webhook<'_> {
             .headers()
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
-            .and_then(parse_retry_after);
+            .and_then(crate::registry::parse_retry_after);
         Err(DeliveryError::Retry {
             reason,
             retry_after,
         })
     }
-}
-
-fn parse_retry_after(value: &str) -> Option<Duration> {
-    let value = value.trim();
-    if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
-    }
-    let when = chrono::DateTime::parse_from_rfc2822(value).ok()?;
-    let left = when
-        .signed_duration_since(chrono::Utc::now())
-        .num_milliseconds();
-    Some(Duration::from_millis(left.max(0) as u64))
 }
 
 #[cfg(test)]
@@ -160,6 +148,7 @@ mod tests {
 
     #[test]
     fn retry_after_takes_seconds_or_a_date() {
+        use crate::registry::parse_retry_after;
         assert_eq!(parse_retry_after("2"), Some(Duration::from_secs(2)));
         assert_eq!(
             parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),

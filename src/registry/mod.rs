@@ -566,7 +566,12 @@ fn error_code(body: &[u8]) -> Option<String> {
 }
 
 fn retry_after(resp: &Response) -> Option<Duration> {
-    let value = resp.headers().get(RETRY_AFTER)?.to_str().ok()?.trim();
+    parse_retry_after(resp.headers().get(RETRY_AFTER)?.to_str().ok()?)
+}
+
+/// A `Retry-After` value: delay seconds, or an HTTP date (a date past gives zero).
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
     if let Ok(secs) = value.parse::<u64>() {
         return Some(Duration::from_secs(secs));
     }
