@@ -130,7 +130,7 @@ async fn lost_signatures_and_unsigned_moves_are_reported_on_a_registry_without_t
     // signature still satisfies "signature", so nothing is missing.
     push.delete_manifest("team/api", sig["digest"].as_str().unwrap())
         .await;
-    put_schema_index(&push, "team/api", &signed, &[sbom.clone()]).await;
+    put_schema_index(&push, "team/api", &signed, std::slice::from_ref(&sbom)).await;
     let lost = check(&dir);
     assert_eq!(types(&lost), ["driftwatch.referrers.lost"]);
     let detail = &lost[0]["data"]["detail"]["lost"];

@@ -4,6 +4,7 @@
 // Re-exports are conveniences; a test file that uses only some of them must not warn.
 #![allow(unused_imports)]
 
+pub mod acr;
 pub mod cli;
 pub mod fake;
 pub mod oci;
@@ -13,6 +14,7 @@ pub mod registry;
 pub mod smtp;
 pub mod webhooks;
 
+pub use acr::AcrDouble;
 pub use cli::{
     DriftwatchProcess, TestDir, driftwatch_bin, driftwatch_command, run_driftwatch,
     spawn_driftwatch, write_config,
