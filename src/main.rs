@@ -13,7 +13,13 @@ fn main() -> ExitCode {
     // The daemon spreads its work over every core; a one-shot command is mostly waiting on
     // the network, and one thread avoids handing each answer between workers.
     let builder = match cli.command {
-        cli::Command::Run => tokio::runtime::Builder::new_multi_thread(),
+        cli::Command::Run => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            // Store calls are short; a few blocking threads keep up, and every extra thread
+            // keeps a malloc arena of its own.
+            b.max_blocking_threads(4);
+            b
+        }
         _ => tokio::runtime::Builder::new_current_thread(),
     }
     .enable_all()

@@ -60,7 +60,7 @@ async fn readyz(State(s): State<ServerState>) -> impl IntoResponse {
     )
 }
 
-async fn watches(State(s): State<ServerState>) -> impl IntoResponse {
+async fn watches(State(s): State<ServerState>) -> axum::response::Response {
     let rows = match s.store.watch_rows().await {
         Ok(rows) => rows,
         Err(e) => {
@@ -68,7 +68,8 @@ async fn watches(State(s): State<ServerState>) -> impl IntoResponse {
             return (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 Json(json!({"error": msg})),
-            );
+            )
+                .into_response();
         }
     };
     let mut rows: HashMap<String, crate::store::WatchRow> =
@@ -81,7 +82,8 @@ async fn watches(State(s): State<ServerState>) -> impl IntoResponse {
         .unwrap_or_else(|e| e.into_inner())
         .clone();
     let now = Utc::now();
-    let list: Vec<_> = config
+    // Typed and borrowed: ten thousand watches would be tens of megabytes as JSON values.
+    let list: Vec<WatchStatus<'_>> = config
         .watches
         .iter()
         .map(|w| {
@@ -89,21 +91,56 @@ async fn watches(State(s): State<ServerState>) -> impl IntoResponse {
             let row = rows
                 .remove(&w.name)
                 .filter(|r| r.reference == w.reference.to_string());
-            json!({
-                "name": w.name,
-                "image": w.reference.to_string(),
-                "schedule": w.schedule,
-                "labels": w.labels,
-                "digest": row.as_ref().and_then(|r| r.digest.clone()),
-                "checked_at": row.as_ref().and_then(|r| r.checked_at.clone()),
-                "outcome": row.as_ref().and_then(|r| r.outcome.clone()),
-                "last_error": row.as_ref().and_then(|r| r.last_error.clone()),
-                "consecutive_failures": row.as_ref().map_or(0, |r| r.consecutive_failures),
-                "next_due": plan
+            WatchStatus {
+                name: &w.name,
+                image: w.reference.to_string(),
+                schedule: &w.schedule,
+                labels: &w.labels,
+                digest: row.as_ref().and_then(|r| r.digest.clone()),
+                checked_at: row.as_ref().and_then(|r| r.checked_at.clone()),
+                outcome: row.as_ref().and_then(|r| r.outcome.clone()),
+                last_error: row.as_ref().and_then(|r| r.last_error.clone()),
+                consecutive_failures: row.as_ref().map_or(0, |r| r.consecutive_failures),
+                next_due: plan
                     .next_due(&w.name, now)
                     .map(|t| t.to_rfc3339_opts(SecondsFormat::Millis, true)),
-            })
+            }
         })
         .collect();
-    (StatusCode::OK, Json(json!({"watches": list})))
+    let body = match serde_json::to_vec(&Watches { watches: list }) {
+        Ok(b) => b,
+        Err(e) => {
+            let msg = e.to_string();
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Json(json!({"error": msg})),
+            )
+                .into_response();
+        }
+    };
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response()
+}
+
+#[derive(serde::Serialize)]
+struct Watches<'a> {
+    watches: Vec<WatchStatus<'a>>,
+}
+
+/// One watch in `/v1/watches`.
+#[derive(serde::Serialize)]
+struct WatchStatus<'a> {
+    name: &'a str,
+    image: String,
+    schedule: &'a str,
+    labels: &'a std::collections::BTreeMap<String, String>,
+    digest: Option<String>,
+    checked_at: Option<String>,
+    outcome: Option<String>,
+    last_error: Option<String>,
+    consecutive_failures: i64,
+    next_due: Option<String>,
 }

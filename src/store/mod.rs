@@ -343,6 +343,9 @@ fn open_blocking(path: &Path) -> Result<Connection, StoreError> {
     }
     // FULL makes every commit durable before it is acknowledged, so a delivered alert can
     // always be matched to its stored event, even after a power loss.
+    // The page cache is per connection; the working set (latest rows per watch) is small.
+    conn.pragma_update(None, "cache_size", -1024)
+        .map_err(open_err)?;
     conn.pragma_update(None, "synchronous", "FULL")
         .map_err(open_err)?;
 
