@@ -47,11 +47,8 @@ impl Live {
 }
 
 /// Runs the daemon until SIGTERM or SIGINT. A second signal exits at once.
-pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
-    let config =
-        Arc::new(Config::load(&config_path).map_err(|e| {
-            anyhow::anyhow!("invalid configuration:\n  {}", e.lines().join("\n  "))
-        })?);
+pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
+    let config = Arc::new(config);
     let store = Store::open(&config.daemon.state).await?;
     tracing::info!(
         config = %config_path.display(),
@@ -95,6 +92,8 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     let wake = Arc::new(tokio::sync::Notify::new());
     let deliverer = Arc::new(crate::alert::Deliverer::new(config.clone(), store.clone()));
     let delivery = tokio::spawn(deliverer.clone().run(stop.clone(), wake.clone()));
+    // Gauges are read from the store on a timer, right whichever path changed them.
+    let gauges = tokio::spawn(record_gauges(store.clone(), current.clone(), stop.clone()));
     let runner = check_runner(store.clone(), wake);
     let watchdog = sd_notify::watchdog_enabled();
     let beat_view = view.clone();
@@ -182,6 +181,7 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
         std::process::exit(1);
     });
     let _ = dispatcher.await;
+    let _ = gauges.await;
     let _ = delivery.await;
     let _ = http.await;
     tracing::info!("stopped");
@@ -208,6 +208,43 @@ fn check_runner(store: Store, wake: Arc<tokio::sync::Notify>) -> Runner<Arc<Live
             }
         })
     })
+}
+
+/// How often `driftwatch.watches` and the outbox gauges are read from the store.
+const GAUGE_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Records the watch and outbox gauges until `stop`; nothing at all when export is off.
+async fn record_gauges(store: Store, config: Arc<RwLock<Arc<Config>>>, stop: CancellationToken) {
+    if !crate::telemetry::global().is_enabled() {
+        return;
+    }
+    let metrics = crate::telemetry::metrics();
+    let mut tick = tokio::time::interval(GAUGE_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        // The store keeps rows of removed watches; only configured ones count.
+        let watched: std::collections::HashSet<String> = {
+            let config = config.read().unwrap_or_else(|e| e.into_inner());
+            config.watches.iter().map(|w| w.name.clone()).collect()
+        };
+        if let Ok(rows) = store.watch_rows().await {
+            let (mut ok, mut failing) = (0, 0);
+            for row in rows.iter().filter(|r| watched.contains(&r.name)) {
+                match row.outcome.as_deref() {
+                    Some("ok") => ok += 1,
+                    Some("failed") => failing += 1,
+                    _ => {}
+                }
+            }
+            metrics.watches(ok, failing);
+        }
+        if let Ok(c) = store.outbox_counts().await {
+            metrics.outbox(c.pending.max(0) as u64, c.dead.max(0) as u64);
+        }
+    }
 }
 
 fn status_line(view: &View) -> String {
@@ -333,8 +370,10 @@ impl Reloader {
                     problems: Vec::new(),
                 };
                 tracing::info!(watches = new.watches.len(), "configuration reloaded");
+                crate::telemetry::metrics().config_reload(crate::telemetry::ReloadOutcome::Ok);
             }
             Err(e) => {
+                crate::telemetry::metrics().config_reload(crate::telemetry::ReloadOutcome::Failed);
                 let problems = e.lines();
                 for p in &problems {
                     tracing::warn!(problem = %p, "invalid configuration; keeping the previous one");

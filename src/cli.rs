@@ -141,16 +141,22 @@ pub enum ConfigCommand {
     Validate,
 }
 
-/// Runs a parsed command line and returns its exit status.
-pub async fn run(cli: Cli) -> anyhow::Result<u8> {
+/// Runs a parsed command line and returns its exit status. `loaded` is the result of
+/// loading the config at [`config::config_path`], read once by the caller (which needs
+/// `[otel]` before anything runs).
+pub async fn run(cli: Cli, loaded: Result<Config, config::ConfigError>) -> anyhow::Result<u8> {
     let path = config::config_path(cli.config.as_deref());
+    let explicit = cli.config.is_some();
+    let load = |loaded: Result<Config, config::ConfigError>| config_or_error(&path, loaded);
     match cli.command {
-        Command::Config(ConfigCommand::Validate) => Ok(validate(&path)),
-        Command::Run => crate::app::run(path).await.map(|()| EXIT_OK),
-        Command::Alert(AlertCommand::Test { sink }) => alert_test(&load(&path)?, &sink).await,
-        Command::Check(args) => check(&load(&path)?, args).await,
+        Command::Config(ConfigCommand::Validate) => Ok(validate(&path, loaded)),
+        Command::Run => crate::app::run(path.clone(), load(loaded)?)
+            .await
+            .map(|()| EXIT_OK),
+        Command::Alert(AlertCommand::Test { sink }) => alert_test(&load(loaded)?, &sink).await,
+        Command::Check(args) => check(&load(loaded)?, args).await,
         Command::Inspect { reference, format } => {
-            let config = load_optional(cli.config.is_some(), &path)?;
+            let config = load_optional(explicit, &path, loaded)?;
             inspect(&config, &reference, format).await
         }
         Command::Verify {
@@ -158,7 +164,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
             expect_digest,
             require_referrer,
         } => {
-            let config = load_optional(cli.config.is_some(), &path)?;
+            let config = load_optional(explicit, &path, loaded)?;
             verify(
                 &config,
                 &reference,
@@ -171,12 +177,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
             watch,
             limit,
             format,
-        } => history(&load(&path)?, watch, limit, format).await,
+        } => history(&load(loaded)?, watch, limit, format).await,
     }
 }
 
-fn load(path: &std::path::Path) -> anyhow::Result<Config> {
-    Config::load(path).map_err(|e| {
+fn config_or_error(
+    path: &std::path::Path,
+    loaded: Result<Config, config::ConfigError>,
+) -> anyhow::Result<Config> {
+    loaded.map_err(|e| {
         let lines = e.lines();
         anyhow::anyhow!(
             "invalid configuration {}:\n  {}",
@@ -188,16 +197,20 @@ fn load(path: &std::path::Path) -> anyhow::Result<Config> {
 
 /// `inspect` and `verify` work without a config file, with default registry settings, unless
 /// one was named explicitly or exists at the usual place.
-fn load_optional(explicit: bool, path: &std::path::Path) -> anyhow::Result<Config> {
+fn load_optional(
+    explicit: bool,
+    path: &std::path::Path,
+    loaded: Result<Config, config::ConfigError>,
+) -> anyhow::Result<Config> {
     if explicit || path.exists() {
-        load(path)
+        config_or_error(path, loaded)
     } else {
         Ok(Config::defaults())
     }
 }
 
-fn validate(path: &std::path::Path) -> u8 {
-    match Config::load(path) {
+fn validate(path: &std::path::Path, loaded: Result<Config, config::ConfigError>) -> u8 {
+    match loaded {
         Ok(c) => {
             println!(
                 "{}: valid ({} watches, {} sinks, {} files)",

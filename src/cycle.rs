@@ -48,6 +48,12 @@ pub struct CycleOptions {
 
 /// Runs one cycle over `watches`. Fails only when the store does; registry trouble is a
 /// per-watch outcome.
+#[tracing::instrument(
+    name = "check_cycle",
+    level = "debug",
+    skip_all,
+    fields(watches = watches.len(), detected_by = ?options.detected_by)
+)]
 pub async fn run_cycle(
     config: &Config,
     registries: &Arc<Registries>,
@@ -93,17 +99,20 @@ pub async fn run_cycle(
         let span = tracing::debug_span!("resolve", image.ref = %target);
         tasks.spawn(
             async move {
+                let started = std::time::Instant::now();
                 let result =
                     resolve::observe(&registries, &target, known.as_ref(), referrers).await;
-                (target, result.map_err(Arc::new))
+                (target, result.map_err(Arc::new), started.elapsed())
             }
             .instrument(span),
         );
     }
     let mut observed: HashMap<Reference, Result<Observation, Arc<RegistryError>>> = HashMap::new();
+    let mut took: HashMap<Reference, std::time::Duration> = HashMap::new();
     while let Some(joined) = tasks.join_next().await {
         match joined {
-            Ok((target, result)) => {
+            Ok((target, result, elapsed)) => {
+                took.insert(target.clone(), elapsed);
                 observed.insert(target, result);
             }
             Err(e) => tracing::error!(cause = %e, "a resolve task panicked"),
@@ -126,6 +135,18 @@ pub async fn run_cycle(
             }
             Outcome::Resolved(_) => None,
         };
+        // A check takes as long as its slowest lookup; a shared lookup counts for each watch.
+        let duration = [w.reference.tag_only(), w.reference.digest_only()]
+            .into_iter()
+            .flatten()
+            .filter_map(|t| took.get(&t).copied())
+            .max()
+            .unwrap_or_default();
+        let checked = match error {
+            None => crate::telemetry::CheckOutcome::Ok,
+            Some(_) => crate::telemetry::CheckOutcome::Failed,
+        };
+        crate::telemetry::metrics().check(checked, duration);
         let prev = states.get(&w.name).cloned().unwrap_or_default();
         let d = diff::diff(&policy(w, config), &prev, outcome);
 
@@ -179,7 +200,16 @@ pub async fn run_cycle(
             events,
         });
     }
-    store.commit(records, config.daemon.history_limit).await?;
+    let commit = tracing::debug_span!("store_commit", events = report.events.len());
+    store
+        .commit(records, config.daemon.history_limit)
+        .instrument(commit)
+        .await?;
+    // Each event once, and only once it is stored: the collector sees what history shows.
+    let telemetry = crate::telemetry::global();
+    for event in &report.events {
+        telemetry.emit_event(event);
+    }
     Ok(report)
 }
 

@@ -15,6 +15,7 @@
 //! - [`cycle`] runs one check of a set of watches through all of the above.
 //! - [`schedule`] decides when each watch is checked; [`app`] runs the daemon around it, and
 //!   [`server`] answers its HTTP endpoints.
+//! - [`telemetry`] exports events, metrics and spans over OTLP, when an endpoint is set.
 //! - [`cli`] is the command line on top.
 
 #![deny(missing_docs)]
@@ -32,3 +33,4 @@ pub mod resolve;
 pub mod schedule;
 pub mod server;
 pub mod store;
+pub mod telemetry;

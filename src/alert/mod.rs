@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, Sink, SinkKind};
 use crate::event::{Envelope, EventType, glob_match};
 use crate::store::{OutboxRow, Store, StoreError};
+use crate::telemetry::{self, DeliveryOutcome};
 
 /// How many pending rows one delivery round looks at.
 const ROUND_LIMIT: usize = 5000;
@@ -381,6 +382,7 @@ impl Deliverer {
             Ok(()) => {
                 self.store.outbox_delivered(ids, done).await?;
                 round.delivered += rows.len();
+                telemetry::metrics().delivery(&sink.name, DeliveryOutcome::Delivered);
                 tracing::debug!(sink = %sink.name, events = rows.len(), "delivered");
                 Ok(true)
             }
@@ -410,6 +412,7 @@ impl Deliverer {
                         self.with_state(&sink.name, |s| s.paused_until = Some(at));
                         note_due(round, at);
                         round.retried += rows.len();
+                        telemetry::metrics().delivery(&sink.name, DeliveryOutcome::Retry);
                     }
                     None => {
                         for r in rows {
@@ -422,6 +425,7 @@ impl Deliverer {
                             );
                         }
                         round.dead += rows.len();
+                        telemetry::metrics().delivery(&sink.name, DeliveryOutcome::Dead);
                     }
                 }
                 self.store.outbox_failed(ids, reason, next, done).await?;

@@ -17,6 +17,7 @@ use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER, WWW_AUTH
 use reqwest::{Method, Response, StatusCode};
 use secrecy::ExposeSecret as _;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tracing::Instrument as _;
 
 use crate::config::{Auth, RegistrySettings};
 use crate::model::Digest;
@@ -379,7 +380,23 @@ impl RegistryClient {
             if let Some(h) = &authorization {
                 req = req.header(AUTHORIZATION, h);
             }
-            let resp = match req.send().await {
+            let span = tracing::debug_span!(
+                "registry_request",
+                otel.name = %method,
+                otel.kind = "client",
+                http.request.method = %method,
+                server.address = %self.registry,
+                url.full = %url,
+                http.request.resend_count = attempt - 1,
+                http.response.status_code = tracing::field::Empty,
+            );
+            let sent = req.send().instrument(span.clone()).await;
+            let status = sent.as_ref().ok().map(|r| r.status().as_u16());
+            if let Some(code) = status {
+                span.record("http.response.status_code", code);
+            }
+            crate::telemetry::metrics().registry_request(&self.registry, method.as_str(), status);
+            let resp = match sent {
                 Ok(r) => r,
                 Err(e) => {
                     drop(permit);
@@ -524,7 +541,11 @@ impl RegistryClient {
             req = req.header(AUTHORIZATION, h);
         }
         self.requests.fetch_add(1, Ordering::Relaxed);
-        let resp = req.send().await.map_err(|e| token_error(e.to_string()))?;
+        let sent = req.send().await;
+        let metrics = crate::telemetry::metrics();
+        let code = sent.as_ref().ok().map(|r| r.status().as_u16());
+        metrics.registry_request(&self.registry, "GET", code);
+        let resp = sent.map_err(|e| token_error(e.to_string()))?;
         let status = resp.status();
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
             return Err(RegistryError::Unauthorized {
@@ -539,7 +560,9 @@ impl RegistryClient {
         let body = read_capped(resp, 1024 * 1024)
             .await
             .map_err(|_| token_error("unreadable or oversized answer".to_string()))?;
-        auth::parse_token_answer(&body, Instant::now()).map_err(token_error)
+        let token = auth::parse_token_answer(&body, Instant::now()).map_err(token_error)?;
+        metrics.token_refresh(&self.registry);
+        Ok(token)
     }
 }
 

@@ -101,7 +101,9 @@ fn is_scrubbed(name: &OsStr) -> bool {
         return false;
     };
     let upper = name.to_ascii_uppercase();
+    // An OTLP endpoint in the environment would make every test export to it.
     upper.starts_with("DRIFTWATCH")
+        || upper.starts_with("OTEL_")
         || matches!(
             upper.as_str(),
             "HTTP_PROXY" | "HTTPS_PROXY" | "ALL_PROXY" | "NO_PROXY"

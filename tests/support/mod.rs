@@ -8,6 +8,7 @@ pub mod acr;
 pub mod cli;
 pub mod fake;
 pub mod oci;
+pub mod otlp;
 pub mod push;
 pub mod receiver;
 pub mod registry;
