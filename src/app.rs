@@ -49,6 +49,7 @@ impl Live {
 /// Runs the daemon until SIGTERM or SIGINT. A second signal exits at once.
 pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     let config = Arc::new(config);
+    trim_heap();
     let store = Store::open(&config.daemon.state).await?;
     tracing::info!(
         config = %config_path.display(),
@@ -188,12 +189,29 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Gives the memory that config parsing freed back to the system. Reading a large config
+/// allocates hundreds of thousands of small blocks; glibc keeps their pages for the life of
+/// the process otherwise (about 20 MB for 10,000 watches).
+fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        unsafe extern "C" {
+            fn malloc_trim(pad: usize) -> std::ffi::c_int;
+        }
+        // SAFETY: malloc_trim only returns free pages to the kernel; it takes no pointers and
+        // has no preconditions.
+        unsafe {
+            malloc_trim(0);
+        }
+    }
+}
+
 fn check_runner(store: Store, wake: Arc<tokio::sync::Notify>) -> Runner<Arc<Live>> {
     Arc::new(move |live: Arc<Live>, watches, by: DetectedBy| {
         let store = store.clone();
         let wake = wake.clone();
         Box::pin(async move {
-            let refs: Vec<&config::Watch> = watches.iter().collect();
+            let refs: Vec<&config::Watch> = watches.iter().map(|w| w.as_ref()).collect();
             let options = CycleOptions {
                 route_alerts: true,
                 detected_by: by,
@@ -370,6 +388,7 @@ impl Reloader {
                     problems: Vec::new(),
                 };
                 tracing::info!(watches = new.watches.len(), "configuration reloaded");
+                trim_heap();
                 crate::telemetry::metrics().config_reload(crate::telemetry::ReloadOutcome::Ok);
             }
             Err(e) => {

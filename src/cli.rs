@@ -252,6 +252,7 @@ async fn check(config: &Config, args: CheckArgs) -> anyhow::Result<u8> {
         .watches
         .iter()
         .filter(|w| args.watches.is_empty() || args.watches.contains(&w.name))
+        .map(|w| w.as_ref())
         .collect();
     let store = Store::open(&config.daemon.state).await?;
     let registries = registries(config);

@@ -123,7 +123,8 @@ pub struct Config {
     /// `[registries."HOST[:PORT]"]`, keyed as written in references.
     pub registries: BTreeMap<String, RegistrySettings>,
     /// `[[watch]]` entries, in file order (main file, then `conf.d` in name order).
-    pub watches: Vec<Watch>,
+    /// Shared, so that the scheduler's groups point at them instead of copying them.
+    pub watches: Vec<std::sync::Arc<Watch>>,
     /// `[[sink]]` entries.
     pub sinks: Vec<Sink>,
     /// `[hooks.*]`.

@@ -527,7 +527,11 @@ fn docker_config_credentials(path: &Path, host: &str) -> Result<(String, SecretS
     }
 }
 
-fn validate_watches(cx: &mut Ctx<'_>, raw: Vec<RawWatch>, default_schedule: &str) -> Vec<Watch> {
+fn validate_watches(
+    cx: &mut Ctx<'_>,
+    raw: Vec<RawWatch>,
+    default_schedule: &str,
+) -> Vec<std::sync::Arc<Watch>> {
     let mut seen: BTreeMap<String, usize> = BTreeMap::new();
     let mut out = Vec::new();
     for (i, w) in raw.into_iter().enumerate() {
@@ -599,7 +603,7 @@ fn validate_watches(cx: &mut Ctx<'_>, raw: Vec<RawWatch>, default_schedule: &str
             }
         }
         if let (Some(r), false) = (reference, cx.problems.len() > before) {
-            out.push(Watch {
+            out.push(std::sync::Arc::new(Watch {
                 name,
                 reference: r,
                 schedule,
@@ -607,7 +611,7 @@ fn validate_watches(cx: &mut Ctx<'_>, raw: Vec<RawWatch>, default_schedule: &str
                 referrers: w.referrers.unwrap_or(false),
                 require_referrers,
                 labels: w.labels.unwrap_or_default(),
-            });
+            }));
         }
     }
     out

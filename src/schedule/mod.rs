@@ -33,7 +33,7 @@ pub struct GroupKey {
 #[derive(Debug, Clone)]
 pub struct Group {
     /// The watches, in config order.
-    pub watches: Vec<Watch>,
+    pub watches: Vec<Arc<Watch>>,
     /// Delay after each cron tick.
     pub offset: Duration,
 }
@@ -149,7 +149,9 @@ pub enum Command<C> {
 
 /// What runs one group's check; the daemon's runner is a check cycle.
 pub type Runner<C> = Arc<
-    dyn Fn(C, Vec<Watch>, DetectedBy) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync,
+    dyn Fn(C, Vec<Arc<Watch>>, DetectedBy) -> Pin<Box<dyn Future<Output = ()> + Send>>
+        + Send
+        + Sync,
 >;
 
 /// Counters the status line and endpoints report.

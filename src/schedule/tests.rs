@@ -30,7 +30,7 @@ type Calls = Arc<StdMutex<Vec<(Instant, Vec<String>, DetectedBy)>>>;
 /// A runner that records each start and then waits for a permit, so tests control how long
 /// a check runs.
 fn recording_runner(calls: Calls, gate: Arc<Semaphore>) -> Runner<()> {
-    Arc::new(move |(), watches: Vec<Watch>, by| {
+    Arc::new(move |(), watches: Vec<Arc<Watch>>, by| {
         let calls = calls.clone();
         let gate = gate.clone();
         Box::pin(async move {
