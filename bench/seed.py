@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Seed a local registry with bench images for bench/steady-state.sh.
+"""Seed a local registry with bench images for bench/steady-state.sh and bench/daemon.sh.
 
 What it does: pushes REPOS x TAGS distinct OCI image manifests into the registry at
 BASE (repositories bench/r00.., tags t00..), through the real distribution upload API:

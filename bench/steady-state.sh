@@ -28,14 +28,11 @@ STEADY_RUNS=3
 HEY_N=5000
 HEY_C=16
 MANIFEST_TYPE="application/vnd.oci.image.manifest.v1+json"
-REGISTRY_BIN=${REGISTRY_BIN:-/usr/bin/docker-registry}
 RUN_TIMEOUT=300 # seconds; bound on any single check or hey run
 
-# Loopback traffic must never go through a proxy.
-export NO_PROXY=127.0.0.1 no_proxy=127.0.0.1
-unset HTTP_PROXY http_proxy HTTPS_PROXY https_proxy ALL_PROXY all_proxy
-
-die() { echo "steady-state: $*" >&2; exit 1; }
+BENCH_NAME=steady-state
+# shellcheck source=bench/lib.sh
+source "$BENCH_DIR/lib.sh" # die, free_port, stop_pid, start_registry_retry; REGISTRY_BIN
 
 # ---- prerequisites -------------------------------------------------------------------
 if [[ ! -x /usr/bin/time ]]; then
@@ -62,14 +59,8 @@ echo "binary: $BIN" >&2
 
 # ---- temp dir and cleanup ------------------------------------------------------------
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/driftwatch-bench.XXXXXX")
-REG_PID=""
 cleanup() {
-    if [[ -n $REG_PID ]] && kill -0 "$REG_PID" 2>/dev/null; then
-        kill "$REG_PID" 2>/dev/null || true
-        for _ in $(seq 1 50); do kill -0 "$REG_PID" 2>/dev/null || break; sleep 0.1; done
-        kill -9 "$REG_PID" 2>/dev/null || true
-        wait "$REG_PID" 2>/dev/null || true
-    fi
+    stop_pid "$REG_PID"
     if [[ ${BENCH_KEEP:-0} == 1 ]]; then
         echo "kept: $TMP" >&2
     else
@@ -80,54 +71,8 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # ---- registry ------------------------------------------------------------------------
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
-}
-
-# Starts the registry on a fresh port; returns 1 if it did not answer GET /v2/ 200 in 10 s.
-start_registry() {
-    PORT=$(free_port)
-    mkdir -p "$TMP/storage"
-    cat >"$TMP/registry.yml" <<EOF
-version: 0.1
-log:
-  level: error
-  accesslog:
-    disabled: true
-storage:
-  filesystem:
-    rootdirectory: $TMP/storage
-  delete:
-    enabled: true
-http:
-  addr: 127.0.0.1:$PORT
-EOF
-    "$REGISTRY_BIN" serve "$TMP/registry.yml" >"$TMP/registry.log" 2>&1 &
-    REG_PID=$!
-    for _ in $(seq 1 100); do
-        if ! kill -0 "$REG_PID" 2>/dev/null; then
-            wait "$REG_PID" 2>/dev/null || true
-            REG_PID=""
-            return 1
-        fi
-        code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "http://127.0.0.1:$PORT/v2/" || true)
-        [[ $code == 200 ]] && return 0
-        sleep 0.1
-    done
-    kill "$REG_PID" 2>/dev/null || true
-    wait "$REG_PID" 2>/dev/null || true
-    REG_PID=""
-    return 1
-}
-
-started=0
-for _ in 1 2 3; do
-    if start_registry; then started=1; break; fi
-    echo "registry did not start on port $PORT; retrying:" >&2
-    tail -n 5 "$TMP/registry.log" >&2 || true
-done
-[[ $started == 1 ]] || die "registry did not start after 3 attempts"
-HOST="127.0.0.1:$PORT"
+start_registry_retry "$TMP" quiet
+HOST="127.0.0.1:$REG_PORT"
 echo "registry: $HOST (pid $REG_PID)" >&2
 
 # ---- seed ----------------------------------------------------------------------------
@@ -200,6 +145,25 @@ MED=$(for i in $(seq 1 "$STEADY_RUNS"); do echo "${S_WALL[i]} $i"; done | sort -
 run_check empty "$EMPTY_CONFIG"
 E_WALL=$WALL_NS E_USER=$USER_S E_SYS=$SYS_S E_RSS=$RSS_KB E_SUM=$SUMMARY
 
+# ---- a dead OTLP collector -----------------------------------------------------------
+# The same steady check exporting events, metrics and spans to a closed port on 127.0.0.1:
+# a collector that is down must not slow the checks down.
+DEAD_CONFIG=$TMP/dead-otel.toml
+{
+    cat "$CONFIG"
+    printf '
+[otel]
+endpoint = "http://127.0.0.1:%s"
+protocol = "http/protobuf"
+' "$(free_port)"
+} >"$DEAD_CONFIG"
+declare -a D_WALL D_CPU
+for i in $(seq 1 "$STEADY_RUNS"); do
+    run_check "deadotel$i" "$DEAD_CONFIG"
+    D_WALL[i]=$WALL_NS D_CPU[i]=$(awk -v u="$USER_S" -v s="$SYS_S" 'BEGIN{print u+s}')
+done
+D_MED=$(for i in $(seq 1 "$STEADY_RUNS"); do echo "${D_WALL[i]} $i"; done | sort -n | awk -v m=$(((STEADY_RUNS + 1) / 2)) 'NR == m {print $2}')
+
 # ---- hey baseline --------------------------------------------------------------------
 HEY_URL="http://$HOST/v2/bench/r00/manifests/t00"
 echo "hey: -m HEAD -c $HEY_C -n $HEY_N $HEY_URL" >&2
@@ -236,6 +200,9 @@ BEGIN {
     printf "  watches: %d checked, %d ok, %d failed; %d events; %d registry requests\n", checked, ok, failed, events, req
     printf "empty check, 0 watches: wall %.3f s, peak RSS %.1f MB, CPU %.2f s (user %.2f + sys %.2f)\n", ewall / 1e9, erss / 1024, euser + esys, euser, esys
     printf "hey -m HEAD -c %d -n %d: %.0f req/s (status %s); driftwatch/hey = %.0f %%\n", hc, hn, hey, codes, tps / hey * 100
+}'
+awk -v w="${S_WALL[MED]}" -v d="${D_WALL[D_MED]}" -v c="${D_CPU[D_MED]}" 'BEGIN {
+    printf "steady check with a dead OTLP collector (median of 3): wall %.2f s vs %.2f s without (%+.0f %%), CPU %.2f s\n", d / 1e9, w / 1e9, (d - w) / w * 100, c
 }'
 if [[ $failed != 0 || $checked != "$TAGS" ]]; then
     echo "WARNING: steady-state check did not check all $TAGS watches cleanly: $med_sum" >&2
