@@ -260,7 +260,9 @@ async fn check(config: &Config, args: CheckArgs) -> anyhow::Result<u8> {
         route_alerts: !args.no_alerts,
         detected_by: DetectedBy::Poll,
     };
+    let started = std::time::Instant::now();
     let report = cycle::run_cycle(config, &registries, &store, &watches, options).await?;
+    let took = started.elapsed();
 
     for e in &report.events {
         match args.format {
@@ -275,12 +277,13 @@ async fn check(config: &Config, args: CheckArgs) -> anyhow::Result<u8> {
         .collect();
     if args.format == Format::Text {
         eprintln!(
-            "checked {} watches: {} ok, {} failed; {} events; {} registry requests",
+            "checked {} watches: {} ok, {} failed; {} events; {} registry requests; in {:.3} s",
             report.watches.len(),
             report.watches.len() - failed.len(),
             failed.len(),
             report.events.len(),
-            registries.requests_sent()
+            registries.requests_sent(),
+            took.as_secs_f64()
         );
     }
     // Deliver what this run routed, within a bound; the rest waits for the next run.
