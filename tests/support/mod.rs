@@ -9,6 +9,7 @@ pub mod cli;
 pub mod fake;
 pub mod oci;
 pub mod otlp;
+pub mod process;
 pub mod push;
 pub mod receiver;
 pub mod registry;

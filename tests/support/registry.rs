@@ -15,8 +15,6 @@ use super::push::Pusher;
 /// Environment variable that overrides where the registry binary lives.
 pub const REGISTRY_BIN_ENV: &str = "DRIFTWATCH_TEST_REGISTRY_BIN";
 const DEFAULT_REGISTRY_BIN: &str = "/usr/bin/docker-registry";
-const READY_TIMEOUT: Duration = Duration::from_secs(10);
-const READY_POLL: Duration = Duration::from_millis(25);
 /// A port picked by binding :0 can be taken by someone else before the registry binds it,
 /// so a fresh start retries a few times with a new port when that is what went wrong.
 const START_ATTEMPTS: usize = 3;
@@ -183,7 +181,7 @@ fn launch(bin: &Path, dir: &Path, port: u16) -> Result<Child, String> {
     let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
     // Output goes to a file rather than a pipe so a chatty registry can never block on a
     // full pipe that nobody drains.
-    let mut child = Command::new(bin)
+    let child = Command::new(bin)
         .arg("serve")
         .arg(&config)
         .current_dir(dir)
@@ -198,27 +196,13 @@ fn launch(bin: &Path, dir: &Path, port: u16) -> Result<Child, String> {
             )
         });
 
-    let deadline = Instant::now() + READY_TIMEOUT;
-    loop {
-        if let Some(status) = child.try_wait().expect("poll registry process") {
-            return Err(format!(
-                "registry on port {port} exited with {status} before becoming ready; output:\n{}",
-                read_log_from(&log_path, log_start)
-            ));
-        }
-        if probe_v2(port) {
-            return Ok(child);
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!(
-                "registry on port {port} not ready within {READY_TIMEOUT:?}; output:\n{}",
-                read_log_from(&log_path, log_start)
-            ));
-        }
-        std::thread::sleep(READY_POLL);
-    }
+    super::process::wait_ready(
+        child,
+        &format!("registry on port {port}"),
+        &log_path,
+        log_start,
+        || probe_v2(port),
+    )
 }
 
 /// One blocking `GET /v2/` over a raw socket; true only on an HTTP 200.
@@ -250,12 +234,6 @@ fn probe_v2(port: u16) -> bool {
     }
     let head = String::from_utf8_lossy(&head[..filled]);
     head.starts_with("HTTP/1.") && head.split_whitespace().nth(1) == Some("200")
-}
-
-fn read_log_from(path: &Path, offset: u64) -> String {
-    let bytes = std::fs::read(path).unwrap_or_default();
-    let start = usize::try_from(offset).unwrap_or(0).min(bytes.len());
-    String::from_utf8_lossy(&bytes[start..]).into_owned()
 }
 
 /// Runs blocking work on tokio's blocking pool and re-raises its panic with the original

@@ -21,8 +21,6 @@ pub const SMTP_PYTHON_ENV: &str = "DRIFTWATCH_TEST_SMTP_PYTHON";
 /// aiosmtpd is a Debian package for the system Python, not for whatever `python3` is on PATH.
 const DEFAULT_PYTHON: &str = "/usr/bin/python3";
 const INSTALL_HINT: &str = "install it with `apt-get install python3-aiosmtpd`";
-const READY_TIMEOUT: Duration = Duration::from_secs(10);
-const READY_POLL: Duration = Duration::from_millis(25);
 const MAIL_POLL: Duration = Duration::from_millis(50);
 /// Same port race as the registry harness: a port found free may be taken before we bind it.
 const START_ATTEMPTS: usize = 3;
@@ -217,7 +215,7 @@ fn launch(python: &Path, dir: &Path, port: u16) -> Result<Child, String> {
         .expect("open smtp log");
     let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
     // Output goes to a file rather than a pipe so the server can never block on a full pipe.
-    let mut child = Command::new(python)
+    let child = Command::new(python)
         .args(["-I", "-m", "aiosmtpd", "-n", "-l"])
         .arg(format!("127.0.0.1:{port}"))
         .args(["-c", "aiosmtpd.handlers.Mailbox"])
@@ -229,28 +227,13 @@ fn launch(python: &Path, dir: &Path, port: u16) -> Result<Child, String> {
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}; {INSTALL_HINT}", python.display()));
 
-    let deadline = Instant::now() + READY_TIMEOUT;
-    loop {
-        if let Some(status) = child.try_wait().expect("poll smtp server process") {
-            return Err(format!(
-                "aiosmtpd on port {port} exited with {status} before greeting; output:\n{}",
-                read_log_from(&log_path, log_start)
-            ));
-        }
-        if probe_greeting(port) {
-            return Ok(child);
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!(
-                "aiosmtpd on port {port} did not greet with 220 within {READY_TIMEOUT:?}; \
-                 output:\n{}",
-                read_log_from(&log_path, log_start)
-            ));
-        }
-        std::thread::sleep(READY_POLL);
-    }
+    super::process::wait_ready(
+        child,
+        &format!("aiosmtpd on port {port}"),
+        &log_path,
+        log_start,
+        || probe_greeting(port),
+    )
 }
 
 /// Connects once and reads the greeting; true only on a `220` line.
@@ -273,12 +256,6 @@ fn probe_greeting(port: u16) -> bool {
     // Leave politely so the server does not log a dropped session.
     let _ = stream.write_all(b"QUIT\r\n");
     greeted
-}
-
-fn read_log_from(path: &Path, offset: u64) -> String {
-    let bytes = std::fs::read(path).unwrap_or_default();
-    let start = usize::try_from(offset).unwrap_or(0).min(bytes.len());
-    String::from_utf8_lossy(&bytes[start..]).into_owned()
 }
 
 fn wait_for_mail(dir: &Path, n: usize, timeout: Duration) -> Vec<Mail> {
