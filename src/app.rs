@@ -119,7 +119,7 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
         .context("the scheduler stopped")?;
 
     let mut cron = CronJobs::start(tx.clone()).await?;
-    cron.sync(&schedule::Plan::new(&config).schedules()).await?;
+    cron.sync(&schedule::schedules(&config)).await?;
 
     // Reloads: file changes (debounced) and SIGHUP.
     let (reload_tx, mut reload_rx) = mpsc::channel::<()>(1);
@@ -377,7 +377,7 @@ impl Reloader {
                     .tx
                     .send(Command::Replace(new.clone(), Live::new(new.clone())))
                     .await;
-                let schedules = schedule::Plan::new(&new).schedules();
+                let schedules = schedule::schedules(&new);
                 if let Err(e) = cron.sync(&schedules).await {
                     tracing::error!(cause = %error_chain(e.as_ref()), "rescheduling failed");
                 }

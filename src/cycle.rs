@@ -151,7 +151,7 @@ pub async fn run_cycle(
         let d = diff::diff(&policy(w, config), &prev, outcome);
 
         let ctx = EnvelopeContext {
-            source: &source,
+            source,
             watch: &w.name,
             registry: w.reference.registry(),
             repository: w.reference.repository(),

@@ -285,12 +285,15 @@ impl Envelope {
     }
 }
 
-/// The `source` attribute for this host.
-pub fn source_for_host() -> String {
-    format!(
-        "driftwatch://{}",
-        gethostname::gethostname().to_string_lossy()
-    )
+/// The `source` attribute for this host, looked up once: every check cycle needs it.
+pub fn source_for_host() -> &'static str {
+    static SOURCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SOURCE.get_or_init(|| {
+        format!(
+            "driftwatch://{}",
+            gethostname::gethostname().to_string_lossy()
+        )
+    })
 }
 
 /// Matches `pattern` (with `*` wildcards) against `text`.

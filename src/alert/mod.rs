@@ -499,7 +499,7 @@ fn backoff(attempts: i64, cap: Duration) -> Duration {
 pub fn test_event(sink: &Sink) -> Envelope {
     let labels = BTreeMap::new();
     let ctx = crate::event::EnvelopeContext {
-        source: &crate::event::source_for_host(),
+        source: crate::event::source_for_host(),
         watch: "driftwatch-test",
         registry: "driftwatch.invalid",
         repository: "driftwatch/test",

@@ -82,11 +82,6 @@ impl Plan {
         plan
     }
 
-    /// The distinct schedules, each once.
-    pub fn schedules(&self) -> Vec<String> {
-        self.by_schedule.keys().cloned().collect()
-    }
-
     /// When the watch's next check is due, after `now`.
     pub fn next_due(&self, watch: &str, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
         let key = self.by_watch.get(watch)?;
@@ -97,6 +92,13 @@ impl Plan {
         let mut it = cron.iter_after(previous);
         it.find(|t| *t + offset > now).map(|t| t + offset)
     }
+}
+
+/// The distinct schedules of `config`'s watches, sorted; what the cron jobs are made of.
+pub fn schedules(config: &Config) -> Vec<String> {
+    let set: std::collections::BTreeSet<&str> =
+        config.watches.iter().map(|w| w.schedule.as_str()).collect();
+    set.into_iter().map(str::to_string).collect()
 }
 
 fn parse_cron(schedule: &str) -> Option<croner::Cron> {

@@ -131,7 +131,7 @@ fn watches_sharing_a_reference_and_schedule_form_one_group() {
     assert_eq!(plan.groups.len(), 3);
     assert_eq!(plan.by_watch["a"], plan.by_watch["b"]);
     assert_ne!(plan.by_watch["a"], plan.by_watch["d"]);
-    assert_eq!(plan.schedules().len(), 2);
+    assert_eq!(schedules(&c).len(), 2);
 }
 
 #[tokio::test(start_paused = true)]
