@@ -355,9 +355,43 @@ async fn inspect(config: &Config, reference: &str, format: Format) -> anyhow::Re
         Reference::parse(reference).with_context(|| format!("invalid reference {reference:?}"))?;
     let registries = registries(config);
     let observation = resolve::fetch_evidence(&registries, &r).await?;
-    let Observation::Present(mut e) = observation else {
-        eprintln!("{r}: not found");
-        return Ok(EXIT_NOT_FOUND);
+    let mut e = match observation {
+        Observation::Present(e) => e,
+        Observation::Absent {
+            code, soft_delete, ..
+        } => {
+            match (&soft_delete, format) {
+                (Some(soft), Format::Json) => println!(
+                    "{}",
+                    json!({
+                        "reference": r.to_string(),
+                        "registry": r.registry(),
+                        "repository": r.repository(),
+                        "tag": r.tag(),
+                        "digest": null,
+                        "code": code,
+                        "soft_deleted": soft,
+                    })
+                ),
+                (
+                    Some(crate::model::SoftDelete::SoftDeleted {
+                        deleted_at,
+                        purge_at,
+                        restore_command,
+                        ..
+                    }),
+                    Format::Text,
+                ) => eprintln!(
+                    "{r}: not found ({code}), but soft-deleted at {deleted_at}; expected purge \
+                     {purge_at}; restore with: {restore_command}"
+                ),
+                (Some(crate::model::SoftDelete::Unknown { reason }), Format::Text) => {
+                    eprintln!("{r}: not found ({code}); soft-delete state unknown: {reason}")
+                }
+                _ => eprintln!("{r}: not found ({code})"),
+            }
+            return Ok(EXIT_NOT_FOUND);
+        }
     };
     // Referrers are shown when they can be listed; a registry that refuses the listing does
     // not hide the rest of the evidence.
@@ -390,7 +424,7 @@ fn inspect_json(r: &Reference, e: &ManifestEvidence) -> serde_json::Value {
         "artifact_type": e.artifact_type,
         "subject": e.subject,
         "referrers": e.referrers,
-        "attributes": null,
+        "attributes": e.attributes,
         "soft_deleted": null,
     })
 }
@@ -439,6 +473,26 @@ fn inspect_text(r: &Reference, e: &ManifestEvidence) -> String {
         let label = if i == 0 { "annotations" } else { "" };
         let _ = writeln!(s, "{label:<12}{k}={v}");
     }
+    if let Some(a) = &e.attributes {
+        for (scope, item) in [("tag", &a.tag), ("manifest", &a.manifest)] {
+            let Some(item) = item else { continue };
+            let flag = |name: &str, v: Option<bool>| v.map(|v| format!("{name}={v}"));
+            let parts: Vec<String> = [
+                flag("delete", item.delete_enabled),
+                flag("write", item.write_enabled),
+                flag("read", item.read_enabled),
+                flag("list", item.list_enabled),
+                item.quarantine_state
+                    .as_ref()
+                    .map(|q| format!("quarantine={q}")),
+                item.updated.as_ref().map(|u| format!("updated={u}")),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            let _ = writeln!(s, "{:<12}{}", format!("{scope} attrs"), parts.join("  "));
+        }
+    }
     for (i, r) in e.referrers.iter().enumerate() {
         let label = if i == 0 { "referrers" } else { "" };
         let _ = writeln!(
@@ -476,7 +530,7 @@ async fn verify(
     let registries = registries(config);
     let mut resolved = None;
     if let Some(t) = r.tag_only() {
-        match resolve::observe(&registries, &t, None, false).await? {
+        match resolve::observe(&registries, &t, None, false, Default::default()).await? {
             Observation::Present(e) => resolved = Some(e.digest),
             Observation::Absent { code, .. } => {
                 println!("does not hold: {t} does not exist ({code})");
@@ -486,7 +540,7 @@ async fn verify(
     }
     if let Some(d) = r.digest_only() {
         if let Observation::Absent { code, .. } =
-            resolve::observe(&registries, &d, None, false).await?
+            resolve::observe(&registries, &d, None, false, Default::default()).await?
         {
             println!("does not hold: {d} does not exist ({code})");
             return Ok(EXIT_DRIFT);

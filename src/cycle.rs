@@ -93,15 +93,18 @@ pub async fn run_cycle(
         }
     }
 
+    let mut prefetched = list_tags(registries, targets.keys()).await;
     let mut tasks = JoinSet::new();
     for (target, (known, referrers)) in targets {
         let registries = registries.clone();
+        let prefetch = prefetched.remove(&target).unwrap_or_default();
         let span = tracing::debug_span!("resolve", image.ref = %target);
         tasks.spawn(
             async move {
                 let started = std::time::Instant::now();
                 let result =
-                    resolve::observe(&registries, &target, known.as_ref(), referrers).await;
+                    resolve::observe(&registries, &target, known.as_ref(), referrers, prefetch)
+                        .await;
                 (target, result.map_err(Arc::new), started.elapsed())
             }
             .instrument(span),
@@ -213,6 +216,56 @@ pub async fn run_cycle(
     Ok(report)
 }
 
+/// ACR: where several tags of one repository are watched, one paged `/acr/v1` tag listing
+/// can replace a lookup per tag. It is used when it takes fewer requests: the listing is cut
+/// (and not tried again until more tags are watched) when it needs as many pages as there
+/// are tags to look up.
+async fn list_tags<'a>(
+    registries: &Registries,
+    targets: impl Iterator<Item = &'a Reference>,
+) -> HashMap<Reference, resolve::Prefetch> {
+    use crate::registry::acr::Metadata;
+    let mut by_repo: HashMap<(&str, &str), Vec<&Reference>> = HashMap::new();
+    for t in targets.filter(|t| t.tag().is_some() && t.digest().is_none()) {
+        by_repo
+            .entry((t.registry(), t.repository()))
+            .or_default()
+            .push(t);
+    }
+    let mut out = HashMap::new();
+    for ((registry, repo), refs) in by_repo {
+        let n = refs.len();
+        let Ok(client) = registries.client(registry) else {
+            continue;
+        };
+        if n < 2
+            || !client.metadata_usable(repo)
+            || client.listing_pages(repo).is_some_and(|p| p >= n)
+        {
+            continue;
+        }
+        match client.acr_tag_listing(repo, n - 1).await {
+            Ok(Metadata::Found(Some(list))) => {
+                let mut by_name: HashMap<String, crate::registry::acr::AcrTag> =
+                    list.into_iter().map(|t| (t.name.clone(), t)).collect();
+                for r in refs {
+                    let listed = r.tag().and_then(|t| by_name.remove(t));
+                    let prefetch = match listed {
+                        Some(t) => resolve::Prefetch::Listed(t),
+                        None => resolve::Prefetch::Unlisted,
+                    };
+                    out.insert(r.clone(), prefetch);
+                }
+            }
+            Ok(Metadata::Found(None) | Metadata::NotFound) => {}
+            Ok(Metadata::Unavailable(reason)) => client.metadata_refused(repo, &reason),
+            // The lookups per tag go ahead and report whatever is wrong.
+            Err(e) => tracing::debug!(registry, repo, cause = %e, "tag listing failed"),
+        }
+    }
+    out
+}
+
 fn policy(w: &Watch, config: &Config) -> Policy {
     Policy {
         tag_subject: w.reference.tag_only().map(|r| r.to_string()),
@@ -222,6 +275,13 @@ fn policy(w: &Watch, config: &Config) -> Policy {
         failing_after: config.daemon.failing_after,
         track_referrers: w.referrers,
         require_referrers: w.require_referrers.clone(),
+        soft_delete_reminder: config
+            .registries
+            .get(w.reference.registry())
+            .map_or(Some(crate::config::DEFAULT_SOFT_DELETE_REMINDER), |r| {
+                r.soft_delete_reminder
+            })
+            .and_then(|d| chrono::Duration::from_std(d).ok()),
     }
 }
 

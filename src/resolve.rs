@@ -1,9 +1,22 @@
 //! Watch targets to observations: one tag or digest looked up HEAD-first, with the body
 //! fetched only when the digest is one we hold no evidence for.
 
-use crate::model::{ManifestEvidence, Observation, ObtainedBy, Reference};
+use crate::model::{ManifestEvidence, Observation, ObtainedBy, Reference, RegistryAttributes};
+use crate::registry::acr::{AcrTag, Metadata};
 use crate::registry::manifest::parse_evidence;
-use crate::registry::{Fetched, ManifestLookup, Registries, RegistryError};
+use crate::registry::{Fetched, ManifestLookup, Registries, RegistryClient, RegistryError};
+
+/// What an ACR tag listing run earlier in the cycle said about a tag target.
+#[derive(Debug, Clone, Default)]
+pub enum Prefetch {
+    /// No listing covered this target.
+    #[default]
+    None,
+    /// The listing has the tag.
+    Listed(AcrTag),
+    /// A complete listing lacks the tag: deleted, or hidden with `listEnabled=false`.
+    Unlisted,
+}
 
 /// Looks up `target` (a reference with a tag or a digest, not both).
 ///
@@ -18,8 +31,28 @@ pub async fn observe(
     target: &Reference,
     known: Option<&ManifestEvidence>,
     referrers: bool,
+    prefetch: Prefetch,
 ) -> Result<Observation, RegistryError> {
-    let mut observation = observe_manifest(registries, target, known).await?;
+    let client = registries.client(target.registry())?;
+    let repo = target.repository();
+    let acr = if client.metadata_usable(repo) {
+        observe_acr(&client, target, known, prefetch).await?
+    } else {
+        None
+    };
+    let mut observation = match acr {
+        Some(o) => o,
+        None => observe_manifest(registries, target, known).await?,
+    };
+    if let Observation::Absent { soft_delete, .. } = &mut observation
+        && client.is_acr()
+    {
+        *soft_delete = Some(
+            client
+                .soft_delete(repo, target.digest(), target.tag())
+                .await,
+        );
+    }
     if let (Observation::Present(e), true) = (&mut observation, referrers) {
         e.referrers = self::referrers(registries, target, &e.digest).await?;
     }
@@ -41,12 +74,7 @@ async fn observe_manifest(
     };
 
     let head = match client.head_manifest(repo, &reference).await? {
-        ManifestLookup::NotFound { code } => {
-            return Ok(Observation::Absent {
-                code,
-                last_digest: None,
-            });
-        }
+        ManifestLookup::NotFound { code } => return Ok(Observation::absent(code)),
         ManifestLookup::Found(h) => h,
     };
     let digest = match (head.digest, pinned) {
@@ -64,10 +92,7 @@ async fn observe_manifest(
         (None, None) => {
             return match client.get_manifest(repo, &reference, None).await? {
                 ManifestLookup::Found(f) => evidence(target, f),
-                ManifestLookup::NotFound { code } => Ok(Observation::Absent {
-                    code,
-                    last_digest: None,
-                }),
+                ManifestLookup::NotFound { code } => Ok(Observation::absent(code)),
             };
         }
     };
@@ -78,16 +103,104 @@ async fn observe_manifest(
         return Ok(Observation::Present(e));
     }
     // Fetch by digest, not by tag: the tag may move again between the two requests.
+    fetch_by_digest(&client, target, &digest).await
+}
+
+async fn fetch_by_digest(
+    client: &RegistryClient,
+    target: &Reference,
+    digest: &crate::model::Digest,
+) -> Result<Observation, RegistryError> {
     match client
-        .get_manifest(repo, digest.as_str(), Some(&digest))
+        .get_manifest(target.repository(), digest.as_str(), Some(digest))
         .await?
     {
         ManifestLookup::Found(f) => evidence(target, f),
-        ManifestLookup::NotFound { code } => Ok(Observation::Absent {
-            code,
-            last_digest: None,
-        }),
+        ManifestLookup::NotFound { code } => Ok(Observation::absent(code)),
     }
+}
+
+/// The ACR way: the metadata API names the digest and the attributes in one request, so an
+/// unchanged target still costs one request, now with its lock flags. `None` leaves the
+/// decision to `/v2`: the API said not found (a hidden or quarantined item looks the same),
+/// or it cannot be used here (then it is not asked again).
+async fn observe_acr(
+    client: &RegistryClient,
+    target: &Reference,
+    known: Option<&ManifestEvidence>,
+    prefetch: Prefetch,
+) -> Result<Option<Observation>, RegistryError> {
+    let repo = target.repository();
+    let refused = |reason: String| {
+        client.metadata_refused(repo, &reason);
+        Ok(None)
+    };
+    if let Some(digest) = target.digest() {
+        let manifest = match client.acr_manifest(repo, digest).await? {
+            Metadata::Found(m) => m.attributes(),
+            Metadata::NotFound => return Ok(None),
+            Metadata::Unavailable(r) => return refused(r),
+        };
+        let mut e = match known.filter(|k| k.digest == *digest) {
+            Some(k) => with_obtained_by(k, ObtainedBy::Metadata),
+            None => match fetch_by_digest(client, target, digest).await? {
+                Observation::Present(e) => e,
+                Observation::Absent { .. } => return Ok(None),
+            },
+        };
+        e.attributes = Some(RegistryAttributes {
+            tag: None,
+            manifest: Some(manifest),
+        });
+        return Ok(Some(Observation::Present(e)));
+    }
+    let Some(tag) = target.tag() else {
+        return Ok(None);
+    };
+    let (listed, by) = match prefetch {
+        Prefetch::Listed(t) => (t, ObtainedBy::Listing),
+        Prefetch::Unlisted => return Ok(None),
+        Prefetch::None => match client.acr_tag(repo, tag).await? {
+            Metadata::Found(t) => (t, ObtainedBy::Metadata),
+            Metadata::NotFound => return Ok(None),
+            Metadata::Unavailable(r) => return refused(r),
+        },
+    };
+    let mut e = match known.filter(|k| k.digest == listed.digest) {
+        Some(k) => with_obtained_by(k, by),
+        None => {
+            let mut e = match fetch_by_digest(client, target, &listed.digest).await? {
+                Observation::Present(e) => e,
+                Observation::Absent { .. } => return Ok(None),
+            };
+            // The body is verified against the digest; which digest the tag names is what
+            // the metadata API said.
+            e.obtained_by = by;
+            // The manifest's own attributes are read when the tag lands on it; a pinned
+            // digest watch reads them at every check.
+            let manifest = match client.acr_manifest(repo, &listed.digest).await? {
+                Metadata::Found(m) => Some(m.attributes()),
+                _ => None,
+            };
+            e.attributes = Some(RegistryAttributes {
+                tag: None,
+                manifest,
+            });
+            e
+        }
+    };
+    let manifest = e.attributes.take().and_then(|a| a.manifest);
+    e.attributes = Some(RegistryAttributes {
+        tag: Some(listed.attributes()),
+        manifest,
+    });
+    Ok(Some(Observation::Present(e)))
+}
+
+fn with_obtained_by(known: &ManifestEvidence, by: ObtainedBy) -> ManifestEvidence {
+    let mut e = known.clone();
+    e.obtained_by = by;
+    e
 }
 
 /// The referrers of `subject` in `target`'s repository, from every source there is: the
@@ -170,16 +283,41 @@ pub async fn fetch_evidence(
         (None, Some(t)) => (t.to_string(), None),
         (None, None) => unreachable!("a parsed reference has a tag or a digest"),
     };
-    match client
-        .get_manifest(target.repository(), &reference, expect)
-        .await?
-    {
-        ManifestLookup::Found(f) => evidence(target, f),
-        ManifestLookup::NotFound { code } => Ok(Observation::Absent {
-            code,
-            last_digest: None,
-        }),
+    let repo = target.repository();
+    let mut observation = match client.get_manifest(repo, &reference, expect).await? {
+        ManifestLookup::Found(f) => evidence(target, f)?,
+        ManifestLookup::NotFound { code } => Observation::absent(code),
+    };
+    match &mut observation {
+        Observation::Present(e) if client.metadata_usable(repo) => {
+            let tag = match target.tag().filter(|_| target.digest().is_none()) {
+                Some(t) => match client.acr_tag(repo, t).await? {
+                    Metadata::Found(t) => Some(t.attributes()),
+                    Metadata::NotFound => None,
+                    Metadata::Unavailable(r) => {
+                        client.metadata_refused(repo, &r);
+                        return Ok(observation);
+                    }
+                },
+                None => None,
+            };
+            let manifest = match client.acr_manifest(repo, &e.digest).await? {
+                Metadata::Found(m) => Some(m.attributes()),
+                Metadata::NotFound => None,
+                Metadata::Unavailable(r) => {
+                    client.metadata_refused(repo, &r);
+                    return Ok(observation);
+                }
+            };
+            e.attributes = Some(RegistryAttributes { tag, manifest });
+        }
+        Observation::Absent { soft_delete, .. } if client.is_acr() => {
+            let tag = target.tag().filter(|_| target.digest().is_none());
+            *soft_delete = Some(client.soft_delete(repo, target.digest(), tag).await);
+        }
+        _ => {}
     }
+    Ok(observation)
 }
 
 fn evidence(target: &Reference, f: Fetched) -> Result<Observation, RegistryError> {

@@ -35,7 +35,15 @@ fn pinned(fake: &FakeRegistry, digest: &str) -> Reference {
 }
 
 async fn fails(fake: &FakeRegistry, r: &Reference) -> RegistryError {
-    match observe(&registries(fake, Auth::Anonymous), r, None, false).await {
+    match observe(
+        &registries(fake, Auth::Anonymous),
+        r,
+        None,
+        false,
+        Default::default(),
+    )
+    .await
+    {
         Err(e) => e,
         Ok(o) => panic!("expected a failure, got {o:?}"),
     }
@@ -120,6 +128,7 @@ async fn server_errors_are_retried_within_a_bound() {
         &tag(&fake, "flaky"),
         None,
         false,
+        Default::default(),
     )
     .await
     .unwrap();
@@ -150,6 +159,7 @@ async fn retry_after_is_honoured() {
         &tag(&fake, "slow"),
         None,
         false,
+        Default::default(),
     )
     .await
     .unwrap();
@@ -180,6 +190,7 @@ async fn not_found_is_authoritative_only_with_a_registry_error_code() {
         &tag(&fake, "gone"),
         None,
         false,
+        Default::default(),
     )
     .await
     .unwrap();
@@ -219,7 +230,7 @@ async fn an_unchanged_tag_costs_one_head() {
     let fake = FakeRegistry::start().await;
     fake.set("prod", Behavior::serve_manifest("a"));
     let regs = registries(&fake, Auth::Anonymous);
-    let first = observe(&regs, &tag(&fake, "prod"), None, false)
+    let first = observe(&regs, &tag(&fake, "prod"), None, false, Default::default())
         .await
         .unwrap();
     let Observation::Present(known) = first else {
@@ -229,9 +240,15 @@ async fn an_unchanged_tag_costs_one_head() {
     assert_eq!(known.layers.len(), 1);
 
     fake.clear_requests();
-    let again = observe(&regs, &tag(&fake, "prod"), Some(&known), false)
-        .await
-        .unwrap();
+    let again = observe(
+        &regs,
+        &tag(&fake, "prod"),
+        Some(&known),
+        false,
+        Default::default(),
+    )
+    .await
+    .unwrap();
     let Observation::Present(e) = again else {
         panic!("expected present")
     };
@@ -260,6 +277,7 @@ async fn a_missing_digest_header_on_head_by_tag_falls_back_to_hashing() {
         &tag(&fake, "prod"),
         None,
         false,
+        Default::default(),
     )
     .await
     .unwrap();
@@ -275,8 +293,12 @@ async fn bearer_tokens_are_cached_and_renewed_after_a_401() {
     fake.set("prod", Behavior::serve_manifest("a"));
     let regs = registries(&fake, Auth::Anonymous);
     let r = tag(&fake, "prod");
-    observe(&regs, &r, None, false).await.unwrap();
-    observe(&regs, &r, None, false).await.unwrap();
+    observe(&regs, &r, None, false, Default::default())
+        .await
+        .unwrap();
+    observe(&regs, &r, None, false, Default::default())
+        .await
+        .unwrap();
     assert_eq!(
         fake.token_requests().len(),
         1,
@@ -289,7 +311,9 @@ async fn bearer_tokens_are_cached_and_renewed_after_a_401() {
 
     // A token the registry stops accepting is replaced once, transparently.
     fake.revoke_tokens();
-    observe(&regs, &r, None, false).await.unwrap();
+    observe(&regs, &r, None, false, Default::default())
+        .await
+        .unwrap();
     assert_eq!(fake.token_requests().len(), 2);
 }
 
@@ -308,16 +332,28 @@ async fn basic_credentials_are_sent_when_the_registry_asks() {
         username: "u".into(),
         password: "p".to_string().into(),
     };
-    let o = observe(&registries(&fake, auth), &tag(&fake, "prod"), None, false)
-        .await
-        .unwrap();
+    let o = observe(
+        &registries(&fake, auth),
+        &tag(&fake, "prod"),
+        None,
+        false,
+        Default::default(),
+    )
+    .await
+    .unwrap();
     assert!(matches!(o, Observation::Present(_)));
     let wrong = Auth::Basic {
         username: "u".into(),
         password: "nope".to_string().into(),
     };
-    let e = observe(&registries(&fake, wrong), &tag(&fake, "prod"), None, false)
-        .await
-        .unwrap_err();
+    let e = observe(
+        &registries(&fake, wrong),
+        &tag(&fake, "prod"),
+        None,
+        false,
+        Default::default(),
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(e, RegistryError::Unauthorized { .. }), "{e}");
 }

@@ -77,7 +77,10 @@ fn accepts(sink: &Sink, envelope: &Envelope, kind: EventType, baselines: bool) -
 }
 
 /// The key under which a change reaches a sink at most once: watch, type, and the digests
-/// before and after. Health events (`check.*`) carry no digests and are never folded.
+/// before and after. Where the digests do not say what changed (attributes and referrers
+/// of one digest), a fingerprint of the detail joins them, so that a second, different
+/// change of the same digest is still sent. Health events (`check.*`) carry no digests and
+/// are never folded.
 pub fn dedupe_key(envelope: &Envelope) -> Option<String> {
     let d = &envelope.data;
     if d.previous.is_none() && d.current.is_none() {
@@ -87,13 +90,28 @@ pub fn dedupe_key(envelope: &Envelope) -> Option<String> {
         s.as_ref()
             .map_or_else(String::new, |s| s.digest.to_string())
     };
-    Some(format!(
+    let mut key = format!(
         "{}|{}|{}|{}",
         d.watch,
         envelope.kind,
         digest(&d.previous),
         digest(&d.current)
-    ))
+    );
+    let same_digest = matches!(
+        EventType::parse(&envelope.kind),
+        Some(
+            EventType::AttributesChanged
+                | EventType::ReferrersLost
+                | EventType::ReferrersAdded
+                | EventType::ReferrersMissing
+        )
+    );
+    if same_digest {
+        let fingerprint = crate::model::Digest::sha256_of(d.detail.to_string().as_bytes());
+        key.push('|');
+        key.push_str(&fingerprint.encoded()[..16]);
+    }
+    Some(key)
 }
 
 /// Sends `events` through `sink` once, now.

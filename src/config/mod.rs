@@ -18,6 +18,7 @@ use crate::event::Severity;
 use crate::model::Reference;
 
 pub use load::conf_d;
+pub(crate) use validate::is_acr_host;
 
 /// Where the config file is looked for when neither `--config` nor `$DRIFTWATCH_CONFIG` says.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/driftwatch/driftwatch.toml";
@@ -41,6 +42,8 @@ pub const DEFAULT_JITTER: f64 = 0.5;
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default ACR soft-delete retention, used for purge-time estimates.
 pub const DEFAULT_SOFT_DELETE_RETENTION_DAYS: u32 = 7;
+/// Default lead time of the reminder before a soft-deleted digest's expected purge.
+pub const DEFAULT_SOFT_DELETE_REMINDER: Duration = Duration::from_secs(24 * 3600);
 /// Default window in which an email sink folds events into one mail.
 pub const DEFAULT_BATCH_WINDOW: Duration = Duration::from_secs(30);
 /// Default age after which an undeliverable alert is given up (marked dead).
@@ -170,6 +173,13 @@ pub struct RegistrySettings {
     pub ca_file: Option<PathBuf>,
     /// ACR soft-delete retention in days. Default [`DEFAULT_SOFT_DELETE_RETENTION_DAYS`].
     pub soft_delete_retention_days: u32,
+    /// How long before the expected purge of a soft-deleted digest a reminder is raised;
+    /// `None` raises none. Default [`DEFAULT_SOFT_DELETE_REMINDER`].
+    pub soft_delete_reminder: Option<Duration>,
+    /// Whether the registry is an Azure Container Registry: the `/acr/v1` metadata API and
+    /// the soft-delete listings are used. From the `acr` key, else a `*.azurecr.*` host or
+    /// an Entra auth method.
+    pub acr: bool,
     /// Credentials.
     pub auth: Auth,
 }
@@ -180,6 +190,8 @@ impl Default for RegistrySettings {
             insecure: false,
             ca_file: None,
             soft_delete_retention_days: DEFAULT_SOFT_DELETE_RETENTION_DAYS,
+            soft_delete_reminder: Some(DEFAULT_SOFT_DELETE_REMINDER),
+            acr: false,
             auth: Auth::Anonymous,
         }
     }
@@ -196,6 +208,63 @@ pub enum Auth {
         username: String,
         /// The password or token; never printed.
         password: SecretString,
+    },
+    /// A Microsoft Entra identity, traded for ACR tokens through `/oauth2/exchange`.
+    Entra(EntraCredential),
+}
+
+/// The Entra audience ACR accepts whatever its ARM-audience policy says.
+pub const ACR_AUDIENCE: &str = "https://containerregistry.azure.net";
+/// The public cloud's Entra authority.
+pub const DEFAULT_AUTHORITY_HOST: &str = "https://login.microsoftonline.com/";
+/// The Azure Instance Metadata Service.
+pub const DEFAULT_IMDS_ENDPOINT: &str = "http://169.254.169.254";
+
+/// How an Entra access token for ACR is obtained.
+#[derive(Debug, Clone)]
+pub enum EntraCredential {
+    /// `acr-aad` with a client secret: the client-credentials grant.
+    ClientSecret {
+        /// Authority host with a trailing slash.
+        authority_host: String,
+        /// Directory (tenant) id.
+        tenant_id: String,
+        /// Application (client) id.
+        client_id: String,
+        /// The secret; never printed.
+        secret: SecretString,
+    },
+    /// `acr-aad` with a certificate: a signed client assertion.
+    ClientCertificate {
+        /// Authority host with a trailing slash.
+        authority_host: String,
+        /// Directory (tenant) id.
+        tenant_id: String,
+        /// Application (client) id.
+        client_id: String,
+        /// PEM file with the certificate and its RSA private key; read at every refresh so
+        /// that a renewed certificate is picked up.
+        certificate_file: PathBuf,
+    },
+    /// `azure-managed-identity`: IMDS, or the App Service / Container Apps endpoint.
+    ManagedIdentity {
+        /// A user-assigned identity's client id; `None` for the system-assigned one.
+        client_id: Option<String>,
+        /// IMDS base URL.
+        imds_endpoint: String,
+        /// `IDENTITY_ENDPOINT` and `IDENTITY_HEADER`, when the environment provides them.
+        app_service: Option<(String, SecretString)>,
+    },
+    /// `azure-workload-identity`: a federated token file traded at the authority.
+    WorkloadIdentity {
+        /// Authority host with a trailing slash.
+        authority_host: String,
+        /// Directory (tenant) id.
+        tenant_id: String,
+        /// Application (client) id.
+        client_id: String,
+        /// The projected service account token; re-read at every refresh (it rotates).
+        token_file: PathBuf,
     },
 }
 

@@ -37,6 +37,8 @@ pub(crate) struct RawRegistry {
     pub insecure: Option<bool>,
     pub ca_file: Option<String>,
     pub soft_delete_retention_days: Option<i64>,
+    pub soft_delete_reminder: Option<String>,
+    pub acr: Option<bool>,
     pub auth: Option<RawAuth>,
 }
 

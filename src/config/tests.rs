@@ -299,3 +299,75 @@ fn state_directory_anchors_a_relative_state_path() {
         PathBuf::from("/var/lib/driftwatch/driftwatch.db")
     );
 }
+
+#[test]
+fn entra_auth_methods_say_what_they_lack() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(
+        dir.path(),
+        "driftwatch.toml",
+        "[registries.\"a.azurecr.io\".auth]\nmethod = \"acr-aad\"\nclient_id = \"c\"\n\
+         client_secret_env = \"S\"\nclient_certificate_file = \"sp.pem\"\n\
+         [registries.\"b.azurecr.io\".auth]\nmethod = \"azure-workload-identity\"\n\
+         [registries.\"c.azurecr.io\".auth]\nmethod = \"azure-managed-identity\"\n\
+         imds_endpoint = \"not a url\"\nusername = \"x\"\n\
+         [[watch]]\nimage = \"a.azurecr.io/x:1\"\n",
+    );
+    let got = problems(&p, &[]);
+    let want = [
+        "registries.\"a.azurecr.io\".auth.tenant_id: missing",
+        "registries.\"a.azurecr.io\".auth.client_certificate_file: set either a client secret \
+         or a certificate, not both",
+        "registries.\"b.azurecr.io\".auth.tenant_id: missing (set tenant_id here, or \
+         AZURE_TENANT_ID in the environment)",
+        "registries.\"b.azurecr.io\".auth.federated_token_file: missing",
+        "registries.\"c.azurecr.io\".auth.username: not used by auth method \
+         \"azure-managed-identity\"",
+        "registries.\"c.azurecr.io\".auth.imds_endpoint: \"not a url\" is not an http(s) URL",
+    ];
+    for w in want {
+        assert!(got.iter().any(|g| g.contains(w)), "{w}\nnot in {got:#?}");
+    }
+}
+
+#[test]
+fn workload_identity_comes_from_the_environment_and_acr_is_recognised() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = write(dir.path(), "token", "eyJ.x.y");
+    let p = write(
+        dir.path(),
+        "driftwatch.toml",
+        "[registries.\"127.0.0.1:5000\".auth]\nmethod = \"azure-workload-identity\"\n\
+         [registries.\"myreg.azurecr.io\"]\nsoft_delete_reminder = \"off\"\n\
+         [[watch]]\nimage = \"127.0.0.1:5000/x:1\"\n",
+    );
+    let env: Vec<(String, String)> = [
+        ("AZURE_CLIENT_ID", "client"),
+        ("AZURE_TENANT_ID", "tenant"),
+        ("AZURE_FEDERATED_TOKEN_FILE", token.to_str().unwrap()),
+        ("AZURE_AUTHORITY_HOST", "https://login.example.com"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let c = Config::load_with_env(&p, &env).unwrap();
+    let local = &c.registries["127.0.0.1:5000"];
+    assert!(local.acr, "an Entra identity implies ACR");
+    match &local.auth {
+        Auth::Entra(EntraCredential::WorkloadIdentity {
+            authority_host,
+            tenant_id,
+            client_id,
+            token_file,
+        }) => {
+            assert_eq!(authority_host, "https://login.example.com/");
+            assert_eq!(tenant_id, "tenant");
+            assert_eq!(client_id, "client");
+            assert_eq!(token_file, &token);
+        }
+        other => panic!("{other:?}"),
+    }
+    let named = &c.registries["myreg.azurecr.io"];
+    assert!(named.acr);
+    assert_eq!(named.soft_delete_reminder, None);
+}

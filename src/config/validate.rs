@@ -358,14 +358,24 @@ fn validate_registry(cx: &mut Ctx<'_>, host: &str, r: RawRegistry) -> Option<Reg
             DEFAULT_SOFT_DELETE_RETENTION_DAYS
         }
     };
+    let soft_delete_reminder = match r.soft_delete_reminder.as_deref() {
+        None => Some(DEFAULT_SOFT_DELETE_REMINDER),
+        Some("off") => None,
+        Some(text) => parse_duration(cx, &at.clone().key("soft_delete_reminder"), text),
+    };
     let auth = match r.auth {
         None => Auth::Anonymous,
         Some(a) => validate_auth(cx, &at.clone().key("auth"), host, a),
     };
+    let acr = r
+        .acr
+        .unwrap_or_else(|| is_acr_host(host) || matches!(auth, Auth::Entra(_)));
     let settings = RegistrySettings {
         insecure: r.insecure.unwrap_or(false),
         ca_file,
         soft_delete_retention_days,
+        soft_delete_reminder,
+        acr,
         auth,
     };
     (cx.problems.len() == problems_before).then_some(settings)
@@ -437,15 +447,159 @@ fn validate_auth(cx: &mut Ctx<'_>, at: &KeyPath, host: &str, a: RawAuth) -> Auth
                 }
             }
         }
-        "acr-aad" | "azure-managed-identity" | "azure-workload-identity" => {
-            cx.problem(
-                &at.clone().key("method"),
-                format!(
-                    "auth method {method:?} is not supported by this build yet; use \"basic\" \
-                     with an ACR token or service principal password meanwhile"
-                ),
+        "acr-aad" => {
+            stray(
+                cx,
+                &[
+                    "tenant_id",
+                    "client_id",
+                    "client_secret_env",
+                    "client_secret_file",
+                    "client_certificate_file",
+                    "authority_host",
+                ],
             );
-            Auth::Anonymous
+            let authority_host = authority(cx, at, a.authority_host.clone(), None);
+            let tenant_id = required(cx, at, "tenant_id", a.tenant_id.clone(), None);
+            let client_id = required(cx, at, "client_id", a.client_id.clone(), None);
+            let credential = match (
+                &a.client_certificate_file,
+                &a.client_secret_env,
+                &a.client_secret_file,
+            ) {
+                (Some(file), None, None) => {
+                    let path = cx.resolve(file);
+                    if let Err(e) = crate::registry::entra::read_certificate(&path) {
+                        cx.problem(&at.clone().key("client_certificate_file"), e);
+                    }
+                    Some(Err(path))
+                }
+                (Some(_), _, _) => {
+                    cx.problem(
+                        &at.clone().key("client_certificate_file"),
+                        "set either a client secret or a certificate, not both",
+                    );
+                    None
+                }
+                (None, None, None) => {
+                    cx.problem(
+                        &at.clone().key("client_secret_env"),
+                        "acr-aad needs client_secret_env, client_secret_file or \
+                         client_certificate_file",
+                    );
+                    None
+                }
+                (None, _, _) => cx
+                    .secret(
+                        at,
+                        "client_secret",
+                        &a.client_secret_env,
+                        &a.client_secret_file,
+                    )
+                    .map(Ok),
+            };
+            match (authority_host, tenant_id, client_id, credential) {
+                (Some(authority_host), Some(tenant_id), Some(client_id), Some(Ok(secret))) => {
+                    Auth::Entra(EntraCredential::ClientSecret {
+                        authority_host,
+                        tenant_id,
+                        client_id,
+                        secret,
+                    })
+                }
+                (Some(authority_host), Some(tenant_id), Some(client_id), Some(Err(file))) => {
+                    Auth::Entra(EntraCredential::ClientCertificate {
+                        authority_host,
+                        tenant_id,
+                        client_id,
+                        certificate_file: file,
+                    })
+                }
+                _ => Auth::Anonymous,
+            }
+        }
+        "azure-managed-identity" => {
+            stray(cx, &["client_id", "imds_endpoint"]);
+            let imds_endpoint = match &a.imds_endpoint {
+                None => DEFAULT_IMDS_ENDPOINT.to_string(),
+                Some(u) => http_url(cx, &at.clone().key("imds_endpoint"), u)
+                    .map(|u| u.trim_end_matches('/').to_string())
+                    .unwrap_or_default(),
+            };
+            // App Service, Functions and Container Apps announce their identity endpoint in
+            // the environment; it takes precedence over IMDS, as in Azure's own SDKs.
+            let app_service = match (
+                cx.env.get("IDENTITY_ENDPOINT"),
+                cx.env.get("IDENTITY_HEADER"),
+            ) {
+                (Some(endpoint), Some(header)) if !endpoint.is_empty() && !header.is_empty() => {
+                    Some((endpoint.to_string(), SecretString::from(header.to_string())))
+                }
+                _ => None,
+            };
+            Auth::Entra(EntraCredential::ManagedIdentity {
+                client_id: a.client_id.clone(),
+                imds_endpoint,
+                app_service,
+            })
+        }
+        "azure-workload-identity" => {
+            stray(
+                cx,
+                &[
+                    "tenant_id",
+                    "client_id",
+                    "federated_token_file",
+                    "authority_host",
+                ],
+            );
+            let authority_host = authority(
+                cx,
+                at,
+                a.authority_host.clone(),
+                Some("AZURE_AUTHORITY_HOST"),
+            );
+            let tenant_id = required(
+                cx,
+                at,
+                "tenant_id",
+                a.tenant_id.clone(),
+                Some("AZURE_TENANT_ID"),
+            );
+            let client_id = required(
+                cx,
+                at,
+                "client_id",
+                a.client_id.clone(),
+                Some("AZURE_CLIENT_ID"),
+            );
+            let token_file = required(
+                cx,
+                at,
+                "federated_token_file",
+                a.federated_token_file.clone(),
+                Some("AZURE_FEDERATED_TOKEN_FILE"),
+            )
+            .map(|f| cx.resolve(&f));
+            if let Some(f) = &token_file
+                && let Err(e) = std::fs::metadata(f)
+            {
+                cx.problem(
+                    &at.clone().key("federated_token_file"),
+                    format!("cannot read {}: {e}", f.display()),
+                );
+            }
+            match (authority_host, tenant_id, client_id, token_file) {
+                (Some(authority_host), Some(tenant_id), Some(client_id), Some(token_file)) => {
+                    Auth::Entra(EntraCredential::WorkloadIdentity {
+                        authority_host,
+                        tenant_id,
+                        client_id,
+                        token_file,
+                    })
+                }
+                _ => Auth::Anonymous,
+            }
         }
         other => {
             cx.problem(
@@ -456,6 +610,69 @@ fn validate_auth(cx: &mut Ctx<'_>, at: &KeyPath, host: &str, a: RawAuth) -> Auth
                 ),
             );
             Auth::Anonymous
+        }
+    }
+}
+
+/// Whether `host` is an Azure Container Registry login server in any Azure cloud.
+pub(crate) fn is_acr_host(host: &str) -> bool {
+    let host = host.split(':').next().unwrap_or(host).to_ascii_lowercase();
+    [".azurecr.io", ".azurecr.cn", ".azurecr.us", ".azurecr.de"]
+        .iter()
+        .any(|suffix| host.ends_with(suffix))
+}
+
+/// A key that may also come from an environment variable (the key wins).
+fn required(
+    cx: &mut Ctx<'_>,
+    at: &KeyPath,
+    key: &str,
+    value: Option<String>,
+    env: Option<&str>,
+) -> Option<String> {
+    let from_env = env.and_then(|var| cx.env.get(var)).map(|v| v.to_string());
+    match value.or(from_env).filter(|v| !v.trim().is_empty()) {
+        Some(v) => Some(v),
+        None => {
+            let hint = match env {
+                Some(var) => format!("missing (set {key} here, or {var} in the environment)"),
+                None => "missing".to_string(),
+            };
+            cx.problem(&at.clone().key(key), hint);
+            None
+        }
+    }
+}
+
+/// The Entra authority host, with the trailing slash that paths are appended to.
+fn authority(
+    cx: &mut Ctx<'_>,
+    at: &KeyPath,
+    value: Option<String>,
+    env: Option<&str>,
+) -> Option<String> {
+    let from_env = env.and_then(|var| cx.env.get(var)).map(|v| v.to_string());
+    let text = value
+        .or(from_env)
+        .filter(|v| !v.trim().is_empty())
+        .unwrap_or_else(|| DEFAULT_AUTHORITY_HOST.to_string());
+    let url = http_url(cx, &at.clone().key("authority_host"), &text)?;
+    Some(format!("{}/", url.trim_end_matches('/')))
+}
+
+fn http_url(cx: &mut Ctx<'_>, at: &KeyPath, text: &str) -> Option<String> {
+    match url::Url::parse(text) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {
+            Some(text.trim().to_string())
+        }
+        _ => {
+            cx.problem(
+                at,
+                format!(
+                    "{text:?} is not an http(s) URL (e.g. \"https://login.microsoftonline.com/\")"
+                ),
+            );
+            None
         }
     }
 }

@@ -6,8 +6,11 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::event::Severity;
 use crate::event::{Change, EventType, StateSummary};
-use crate::model::{Digest, ManifestEvidence, Observation, Platform, Resolution};
+use crate::model::{
+    Digest, ItemAttributes, ManifestEvidence, Observation, Platform, Resolution, SoftDelete,
+};
 
 /// What the differ needs to know about a watch.
 #[derive(Debug, Clone)]
@@ -26,6 +29,8 @@ pub struct Policy {
     pub track_referrers: bool,
     /// Artifact types or aliases that must have a referrer (`referrers.missing`).
     pub require_referrers: Vec<String>,
+    /// How long before a soft-deleted digest's expected purge to remind; `None` for never.
+    pub soft_delete_reminder: Option<chrono::Duration>,
 }
 
 /// The stored state of a watch between checks.
@@ -119,13 +124,36 @@ pub fn diff(policy: &Policy, prev: &WatchState, outcome: Outcome) -> Diff {
                     &mut changes,
                 );
             }
-            if let (Some(subject), Some(cur)) = (&policy.pin_subject, &res.pinned) {
+            if let (Some(subject), Some(cur)) = (&policy.pin_subject, &mut res.pinned) {
                 pin_changes(
+                    policy,
                     subject,
                     last.and_then(|l| l.pinned.as_ref()),
                     cur,
+                    res.time,
                     &mut changes,
                 );
+            }
+            for (subject, prev, cur) in [
+                (
+                    &policy.tag_subject,
+                    last.and_then(|l| l.tag.as_ref()),
+                    &res.tag,
+                ),
+                (
+                    &policy.pin_subject,
+                    last.and_then(|l| l.pinned.as_ref()),
+                    &res.pinned,
+                ),
+            ] {
+                if let (
+                    Some(subject),
+                    Some(Observation::Present(p)),
+                    Some(Observation::Present(c)),
+                ) = (subject, prev, cur)
+                {
+                    attribute_changes(subject, p, c, &mut changes);
+                }
             }
             // Referrers belong to the digest the watch stands for: the tag's, else the pin's.
             let (prev_primary, cur_primary) = match &policy.tag_subject {
@@ -156,23 +184,52 @@ pub fn diff(policy: &Policy, prev: &WatchState, outcome: Outcome) -> Diff {
 }
 
 /// An absent observation keeps the digest that was last seen there, so that a later
-/// reappearance can be told apart from a first appearance.
+/// reappearance can be told apart from a first appearance, and whether the purge reminder
+/// for the same soft deletion was already raised.
 fn remember_last_digest(cur: &mut Option<Observation>, prev: Option<&Observation>) {
-    if let Some(Observation::Absent { last_digest, .. }) = cur {
+    if let Some(Observation::Absent {
+        last_digest,
+        soft_delete,
+        ..
+    }) = cur
+    {
         *last_digest = match prev {
             Some(Observation::Present(p)) => Some(p.digest.clone()),
             Some(Observation::Absent { last_digest, .. }) => last_digest.clone(),
             None => None,
         };
+        if let (
+            Some(SoftDelete::SoftDeleted {
+                deleted_at,
+                reminded,
+                ..
+            }),
+            Some(Observation::Absent {
+                soft_delete:
+                    Some(SoftDelete::SoftDeleted {
+                        deleted_at: was,
+                        reminded: was_reminded,
+                        ..
+                    }),
+                ..
+            }),
+        ) = (soft_delete, prev)
+            && deleted_at == was
+        {
+            *reminded = *was_reminded;
+        }
     }
 }
 
 fn same(a: &Option<Observation>, b: &Option<Observation>) -> bool {
     match (a, b) {
         (Some(Observation::Present(x)), Some(Observation::Present(y))) => {
-            x.digest == y.digest && x.referrers == y.referrers
+            x.digest == y.digest && x.referrers == y.referrers && x.attributes == y.attributes
         }
-        (Some(Observation::Absent { .. }), Some(Observation::Absent { .. })) => true,
+        (
+            Some(Observation::Absent { soft_delete: x, .. }),
+            Some(Observation::Absent { soft_delete: y, .. }),
+        ) => x == y,
         (None, None) => true,
         _ => false,
     }
@@ -234,9 +291,17 @@ fn tag_changes(
                 out.push(pc);
             }
         }
-        (Some(Observation::Present(p)), Observation::Absent { code, .. }) => {
+        (
+            Some(Observation::Present(p)),
+            Observation::Absent {
+                code, soft_delete, ..
+            },
+        ) => {
             let mut c = change(EventType::TagDeleted, subject, Some(p), None);
-            c.detail = json!({"code": code, "lost_referrers": p.referrers});
+            c.detail = match soft_delete {
+                Some(soft) => soft_delete_detail(soft, code, &p.referrers, false),
+                None => json!({"code": code, "lost_referrers": p.referrers}),
+            };
             out.push(c);
         }
         (Some(Observation::Absent { last_digest, .. }), Observation::Present(c)) => {
@@ -254,34 +319,178 @@ fn tag_changes(
 }
 
 fn pin_changes(
+    policy: &Policy,
     subject: &str,
     prev: Option<&Observation>,
-    cur: &Observation,
+    cur: &mut Observation,
+    now: chrono::DateTime<chrono::Utc>,
     out: &mut Vec<Change>,
 ) {
+    let prev_evidence = prev.and_then(Observation::evidence);
+    let lost = prev_evidence
+        .map(|p| p.referrers.clone())
+        .unwrap_or_default();
+    let prev_soft = match prev {
+        Some(Observation::Absent { soft_delete, .. }) => soft_delete.as_ref(),
+        _ => None,
+    };
     match (prev, cur) {
-        (None | Some(Observation::Present(_)), Observation::Absent { code, .. }) => {
-            let mut c = change(
-                EventType::DigestDeleted,
-                subject,
-                prev.and_then(Observation::evidence),
-                None,
-            );
-            let lost = prev
-                .and_then(Observation::evidence)
-                .map(|p| p.referrers.clone());
+        (
+            None | Some(Observation::Present(_)),
+            Observation::Absent {
+                code,
+                soft_delete: Some(soft @ SoftDelete::SoftDeleted { .. }),
+                ..
+            },
+        ) => {
+            let mut c = change(EventType::DigestSoftDeleted, subject, prev_evidence, None);
+            c.detail = soft_delete_detail(soft, code, &lost, false);
+            out.push(c);
+        }
+        (
+            None | Some(Observation::Present(_)),
+            Observation::Absent {
+                code, soft_delete, ..
+            },
+        ) => {
+            let mut c = change(EventType::DigestDeleted, subject, prev_evidence, None);
             c.detail = json!({
                 "code": code,
-                "soft_delete": null,
-                "lost_referrers": lost.unwrap_or_default(),
+                "soft_delete": soft_delete,
+                "lost_referrers": lost,
             });
             out.push(c);
         }
+        // Gone from the soft-delete listing: purged (or hard-deleted) now.
+        (
+            Some(Observation::Absent { .. }),
+            Observation::Absent {
+                code,
+                soft_delete: Some(soft @ (SoftDelete::NotListed | SoftDelete::Unknown { .. })),
+                ..
+            },
+        ) if matches!(prev_soft, Some(SoftDelete::SoftDeleted { .. })) => {
+            let mut c = change(EventType::DigestDeleted, subject, None, None);
+            c.detail = json!({
+                "code": code,
+                "soft_delete": soft,
+                "purged": matches!(soft, SoftDelete::NotListed),
+                "was": prev_soft,
+            });
+            out.push(c);
+        }
+        (
+            Some(Observation::Absent { .. }),
+            Observation::Absent {
+                code,
+                soft_delete: Some(soft),
+                ..
+            },
+        ) => {
+            let SoftDelete::SoftDeleted {
+                purge_at, reminded, ..
+            } = soft
+            else {
+                return;
+            };
+            let due = policy
+                .soft_delete_reminder
+                .is_some_and(|lead| now >= *purge_at - lead);
+            if due && !*reminded {
+                *reminded = true;
+                let mut c = change(EventType::DigestSoftDeleted, subject, None, None);
+                c.detail = soft_delete_detail(soft, code, &[], true);
+                out.push(c);
+            }
+        }
         (Some(Observation::Absent { .. }), Observation::Present(c)) => {
-            out.push(change(EventType::DigestRestored, subject, None, Some(c)));
+            let mut r = change(EventType::DigestRestored, subject, None, Some(c));
+            r.detail = json!({"was": prev_soft});
+            out.push(r);
         }
         _ => {}
     }
+}
+
+fn soft_delete_detail(
+    soft: &SoftDelete,
+    code: &str,
+    lost: &[crate::model::Referrer],
+    reminder: bool,
+) -> serde_json::Value {
+    let mut d = json!({"code": code, "soft_delete": soft, "lost_referrers": lost});
+    if let SoftDelete::SoftDeleted {
+        deleted_at,
+        purge_at,
+        restore_command,
+        ..
+    } = soft
+    {
+        d["deleted_at"] = json!(deleted_at);
+        d["purge_at"] = json!(purge_at);
+        d["restore_command"] = json!(restore_command);
+    }
+    if reminder {
+        d["reminder"] = json!(true);
+    }
+    d
+}
+
+/// Registry-side attribute changes (ACR lock flags, quarantine) of one observation. The
+/// tag's attributes are compared whatever it points at; the manifest's only for the same
+/// digest. Unlocking (delete or write enabled again), blocking reads and a quarantine state
+/// other than `Passed` are warnings; the rest is information.
+fn attribute_changes(
+    subject: &str,
+    prev: &ManifestEvidence,
+    cur: &ManifestEvidence,
+    out: &mut Vec<Change>,
+) {
+    let (Some(p), Some(c)) = (&prev.attributes, &cur.attributes) else {
+        return;
+    };
+    let mut fields = Vec::new();
+    let mut warning = false;
+    let mut compare = |scope: &str, a: &Option<ItemAttributes>, b: &Option<ItemAttributes>| {
+        let (Some(a), Some(b)) = (a, b) else { return };
+        let flags = [
+            ("deleteEnabled", a.delete_enabled, b.delete_enabled),
+            ("writeEnabled", a.write_enabled, b.write_enabled),
+            ("readEnabled", a.read_enabled, b.read_enabled),
+            ("listEnabled", a.list_enabled, b.list_enabled),
+        ];
+        for (field, old, new) in flags {
+            if old != new && old.is_some() && new.is_some() {
+                let unlocked =
+                    matches!(field, "deleteEnabled" | "writeEnabled") && new == Some(true);
+                let blocked = field == "readEnabled" && new == Some(false);
+                warning |= unlocked || blocked;
+                fields.push(json!({"scope": scope, "field": field, "old": old, "new": new}));
+            }
+        }
+        if a.quarantine_state != b.quarantine_state {
+            warning |= b.quarantine_state.as_deref().is_some_and(|q| q != "Passed");
+            fields.push(json!({
+                "scope": scope,
+                "field": "quarantineState",
+                "old": a.quarantine_state,
+                "new": b.quarantine_state,
+            }));
+        }
+    };
+    compare("tag", &p.tag, &c.tag);
+    if prev.digest == cur.digest {
+        compare("manifest", &p.manifest, &c.manifest);
+    }
+    if fields.is_empty() {
+        return;
+    }
+    let mut ch = change(EventType::AttributesChanged, subject, Some(prev), Some(cur));
+    if warning {
+        ch.severity = Severity::Warning;
+    }
+    ch.detail = json!({"changes": fields});
+    out.push(ch);
 }
 
 fn referrer_changes(

@@ -23,6 +23,7 @@ fn image(c: char) -> Observation {
         artifact_type: None,
         subject: None,
         referrers: vec![],
+        attributes: None,
         obtained_by: ObtainedBy::Get,
     })
 }
@@ -48,10 +49,7 @@ fn index(c: char, platforms: &[(&str, char)]) -> Observation {
 }
 
 fn absent() -> Observation {
-    Observation::Absent {
-        code: "MANIFEST_UNKNOWN".into(),
-        last_digest: None,
-    }
+    Observation::absent("MANIFEST_UNKNOWN".into())
 }
 
 fn res(tag: Option<Observation>, pinned: Option<Observation>) -> Resolution {
@@ -71,6 +69,7 @@ fn tag_policy() -> Policy {
         failing_after: 3,
         track_referrers: false,
         require_referrers: vec![],
+        soft_delete_reminder: Some(chrono::Duration::hours(24)),
     }
 }
 
@@ -83,6 +82,7 @@ fn pin_policy() -> Policy {
         failing_after: 3,
         track_referrers: false,
         require_referrers: vec![],
+        soft_delete_reminder: Some(chrono::Duration::hours(24)),
     }
 }
 
@@ -467,4 +467,218 @@ fn aliases_match_their_artifact_types() {
     assert!(referrer('1', SPDX).satisfies(SPDX));
     assert!(!referrer('1', SPDX).satisfies("signature"));
     assert!(referrer('1', "application/vnd.in-toto+json").satisfies("provenance"));
+}
+
+fn soft_deleted(deleted_days_before_check: i64) -> Observation {
+    let check = Utc.timestamp_opt(1_700_000_000, 0).unwrap();
+    let deleted_at = check - chrono::Duration::days(deleted_days_before_check);
+    Observation::Absent {
+        code: "MANIFEST_UNKNOWN".into(),
+        last_digest: None,
+        soft_delete: Some(SoftDelete::SoftDeleted {
+            deleted_at,
+            purge_at: deleted_at + chrono::Duration::days(7),
+            retention_days: 7,
+            digest: None,
+            restore_command: "az acr manifest restore …".into(),
+            reminded: false,
+        }),
+    }
+}
+
+fn gone(soft: SoftDelete) -> Observation {
+    Observation::Absent {
+        code: "MANIFEST_UNKNOWN".into(),
+        last_digest: None,
+        soft_delete: Some(soft),
+    }
+}
+
+#[test]
+fn soft_delete_transitions_of_a_pinned_digest() {
+    type Case = (
+        &'static str,
+        Option<Observation>,
+        Observation,
+        &'static [&'static str],
+    );
+    let unknown = || {
+        gone(SoftDelete::Unknown {
+            reason: "no deleted_read".into(),
+        })
+    };
+    let cases: Vec<Case> = vec![
+        (
+            "soft-deleted",
+            Some(image('a')),
+            soft_deleted(1),
+            &["digest.soft_deleted"],
+        ),
+        (
+            "still soft-deleted",
+            Some(soft_deleted(1)),
+            soft_deleted(1),
+            &[],
+        ),
+        (
+            "purged",
+            Some(soft_deleted(1)),
+            gone(SoftDelete::NotListed),
+            &["digest.deleted"],
+        ),
+        (
+            "restored",
+            Some(soft_deleted(1)),
+            image('a'),
+            &["digest.restored"],
+        ),
+        (
+            "hard-deleted",
+            Some(image('a')),
+            gone(SoftDelete::NotListed),
+            &["digest.deleted"],
+        ),
+        (
+            "state unknown",
+            Some(image('a')),
+            unknown(),
+            &["digest.deleted"],
+        ),
+        ("still unknown", Some(unknown()), unknown(), &[]),
+        (
+            "within a day of the purge",
+            Some(soft_deleted(6)),
+            soft_deleted(6),
+            &["digest.soft_deleted"],
+        ),
+    ];
+    for (name, prev, cur, want) in cases {
+        let prev = state(prev.map(|p| res(None, Some(p))));
+        let d = diff(
+            &pin_policy(),
+            &prev,
+            Outcome::Resolved(res(None, Some(cur))),
+        );
+        assert_eq!(kinds(&d), want, "{name}");
+    }
+}
+
+#[test]
+fn the_purge_reminder_is_raised_once() {
+    let prev = state(Some(res(None, Some(soft_deleted(6)))));
+    let first = diff(
+        &pin_policy(),
+        &prev,
+        Outcome::Resolved(res(None, Some(soft_deleted(6)))),
+    );
+    assert_eq!(first.changes[0].detail["reminder"], true);
+    let again = diff(
+        &pin_policy(),
+        &first.next,
+        Outcome::Resolved(res(None, Some(soft_deleted(6)))),
+    );
+    assert!(again.changes.is_empty(), "{:?}", kinds(&again));
+    let never = Policy {
+        soft_delete_reminder: None,
+        ..pin_policy()
+    };
+    let d = diff(
+        &never,
+        &prev,
+        Outcome::Resolved(res(None, Some(soft_deleted(6)))),
+    );
+    assert!(d.changes.is_empty());
+}
+
+#[test]
+fn a_soft_deleted_digest_says_when_it_will_be_purged_and_how_to_restore_it() {
+    let prev = state(Some(res(None, Some(image('a')))));
+    let d = diff(
+        &pin_policy(),
+        &prev,
+        Outcome::Resolved(res(None, Some(soft_deleted(1)))),
+    );
+    let detail = &d.changes[0].detail;
+    assert_eq!(d.changes[0].severity, Severity::Critical);
+    assert_eq!(detail["purge_at"], "2023-11-20T22:13:20Z");
+    assert!(
+        detail["restore_command"]
+            .as_str()
+            .unwrap()
+            .starts_with("az acr manifest restore")
+    );
+}
+
+fn with_attributes(c: char, tag: ItemAttributes, manifest: ItemAttributes) -> Observation {
+    let Observation::Present(mut e) = image(c) else {
+        unreachable!()
+    };
+    e.attributes = Some(crate::model::RegistryAttributes {
+        tag: Some(tag),
+        manifest: Some(manifest),
+    });
+    Observation::Present(e)
+}
+
+fn locked(delete: bool, quarantine: Option<&str>) -> ItemAttributes {
+    ItemAttributes {
+        delete_enabled: Some(!delete),
+        write_enabled: Some(!delete),
+        read_enabled: Some(true),
+        list_enabled: Some(true),
+        quarantine_state: quarantine.map(Into::into),
+        ..ItemAttributes::default()
+    }
+}
+
+#[test]
+fn attribute_changes_and_their_severity() {
+    let run = |prev: Observation, cur: Observation| {
+        let prev = state(Some(res(Some(prev), None)));
+        diff(
+            &tag_policy(),
+            &prev,
+            Outcome::Resolved(res(Some(cur), None)),
+        )
+    };
+    let a = |tag, manifest| with_attributes('a', tag, manifest);
+    let d = run(
+        a(locked(true, None), locked(false, None)),
+        a(locked(false, None), locked(false, None)),
+    );
+    assert_eq!(kinds(&d), ["attributes.changed"]);
+    assert_eq!(d.changes[0].severity, Severity::Warning, "a lock removed");
+    assert_eq!(d.changes[0].detail["changes"].as_array().unwrap().len(), 2);
+    assert_eq!(d.changes[0].detail["changes"][0]["scope"], "tag");
+    assert!(d.resolution_changed);
+
+    let d = run(
+        a(locked(false, None), locked(false, None)),
+        a(locked(true, None), locked(false, None)),
+    );
+    assert_eq!(d.changes[0].severity, Severity::Info, "a lock added");
+
+    let d = run(
+        a(locked(false, None), locked(false, Some("Passed"))),
+        a(locked(false, None), locked(false, Some("Failed"))),
+    );
+    assert_eq!(d.changes[0].severity, Severity::Warning, "quarantined");
+    assert_eq!(d.changes[0].detail["changes"][0]["scope"], "manifest");
+
+    let d = run(
+        a(locked(false, None), locked(false, None)),
+        a(locked(false, None), locked(false, None)),
+    );
+    assert!(d.changes.is_empty());
+
+    // The manifest under a moved tag is another manifest: only the move is reported.
+    let d = run(
+        a(locked(false, None), locked(true, None)),
+        with_attributes('b', locked(false, None), locked(false, None)),
+    );
+    assert_eq!(kinds(&d), ["tag.moved"]);
+
+    // Attributes missing on one side (no metadata_read any more) are not a change.
+    let d = run(a(locked(true, None), locked(true, None)), image('a'));
+    assert!(d.changes.is_empty());
 }

@@ -124,6 +124,85 @@ pub enum ObtainedBy {
     Head,
     /// The manifest body was fetched, hashed and verified in this check.
     Get,
+    /// ACR's metadata API (`/acr/v1/<repo>/_tags/<tag>` or `_manifests/<digest>`) named the
+    /// digest. The body of a digest not seen before was fetched by digest and verified; for a
+    /// known one the details were carried over as for a HEAD.
+    Metadata,
+    /// One paged ACR tag listing (`/acr/v1/<repo>/_tags`) named the digest, for several
+    /// watched tags at once; bodies as for [`ObtainedBy::Metadata`].
+    Listing,
+}
+
+/// Registry-side attributes of a tag or a manifest, from ACR's `/acr/v1` metadata API.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ItemAttributes {
+    /// `createdTime`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created: Option<String>,
+    /// `lastUpdateTime`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated: Option<String>,
+    /// `changeableAttributes.deleteEnabled`: false is a delete lock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delete_enabled: Option<bool>,
+    /// `changeableAttributes.writeEnabled`: false is a write (and delete) lock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub write_enabled: Option<bool>,
+    /// `changeableAttributes.readEnabled`: false blocks pulls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_enabled: Option<bool>,
+    /// `changeableAttributes.listEnabled`: false hides the item from listings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub list_enabled: Option<bool>,
+    /// `quarantineState` (`Passed`, `Failed`, …), for a manifest under a quarantine policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarantine_state: Option<String>,
+    /// The tags of a manifest (absent once it is untagged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tags: Option<Vec<String>>,
+}
+
+/// The registry-side attributes recorded with a resolution (ACR only).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegistryAttributes {
+    /// The watched tag's own attributes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<ItemAttributes>,
+    /// The manifest's attributes. For a tag watch they are read when the tag moves to a
+    /// digest; a pinned digest's are read at every check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest: Option<ItemAttributes>,
+}
+
+/// What ACR's soft-delete listings said about something the registry no longer serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum SoftDelete {
+    /// Listed as soft-deleted: restorable until the purge.
+    SoftDeleted {
+        /// `deletedAt` as the registry reported it.
+        deleted_at: DateTime<Utc>,
+        /// `deletedAt` plus the configured retention: when ACR's daily purge may take it.
+        purge_at: DateTime<Utc>,
+        /// The retention the purge time assumes (ACR does not report it).
+        retention_days: u32,
+        /// The digest the deleted tag pointed at, for a tag.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        digest: Option<Digest>,
+        /// The command that restores it.
+        restore_command: String,
+        /// Whether the reminder before the purge was raised.
+        #[serde(default)]
+        reminded: bool,
+    },
+    /// Not listed: deleted for good (hard delete, purged, or soft delete off).
+    NotListed,
+    /// The listings could not be read (no `deleted_read`, or a registry without them, such
+    /// as a geo-replicated one).
+    Unknown {
+        /// Why.
+        reason: String,
+    },
 }
 
 /// The evidence for one manifest: everything needed to prove which artifact a reference meant.
@@ -159,6 +238,9 @@ pub struct ManifestEvidence {
     /// Referrers of this digest, when the watch tracks them.
     #[serde(default)]
     pub referrers: Vec<Referrer>,
+    /// Registry-side attributes (ACR), when the registry has them and lets us read them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attributes: Option<RegistryAttributes>,
     /// How this check confirmed the digest.
     pub obtained_by: ObtainedBy,
 }
@@ -186,10 +268,23 @@ pub enum Observation {
         /// The digest last seen here before it went missing, if it was ever seen.
         #[serde(default)]
         last_digest: Option<Digest>,
+        /// What ACR's soft-delete listings say; `None` on other registries.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        soft_delete: Option<SoftDelete>,
     },
 }
 
 impl Observation {
+    /// An authoritative not-found with `code`, before the differ and the soft-delete lookup
+    /// have filled in the rest.
+    pub fn absent(code: String) -> Observation {
+        Observation::Absent {
+            code,
+            last_digest: None,
+            soft_delete: None,
+        }
+    }
+
     /// The digest, when present.
     pub fn digest(&self) -> Option<&Digest> {
         match self {

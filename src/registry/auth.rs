@@ -92,6 +92,9 @@ struct TokenAnswer {
     token: Option<String>,
     #[serde(default)]
     access_token: Option<String>,
+    /// ACR's `/oauth2/exchange` answers with this alone.
+    #[serde(default)]
+    refresh_token: Option<String>,
     #[serde(default)]
     expires_in: Option<i64>,
 }
@@ -121,34 +124,40 @@ pub fn parse_token_answer(body: &[u8], now: Instant) -> Result<Token, String> {
     let value = answer
         .token
         .or(answer.access_token)
+        .or(answer.refresh_token)
         .filter(|t| !t.is_empty())
-        .ok_or("the answer has neither token nor access_token")?;
+        .ok_or("the answer has no token, access_token or refresh_token")?;
     let lifetime = match answer.expires_in {
         Some(secs) if secs > 0 => Duration::from_secs(secs as u64),
         _ => jwt_lifetime(&value).unwrap_or(DEFAULT_TOKEN_LIFETIME),
     };
-    // Refresh a little early so that a request never leaves with a token about to expire.
+    Ok(token_for(value, lifetime, now))
+}
+
+/// A token valid for `lifetime` from `now`, to be refreshed a little before it expires so
+/// that a request never leaves with a token about to expire.
+pub fn token_for(value: String, lifetime: Duration, now: Instant) -> Token {
     let margin = (lifetime / 10).min(Duration::from_secs(30));
-    Ok(Token {
+    Token {
         value: SecretString::from(value),
         refresh_at: now + lifetime - margin,
-    })
+    }
 }
 
 /// The remaining lifetime of a JWT from its `exp` claim, read without verifying it: the
-/// registry verifies; we only need to know when to ask again.
-fn jwt_lifetime(token: &str) -> Option<Duration> {
+/// issuer's audience verifies; we only need to know when to ask again.
+pub fn jwt_lifetime(token: &str) -> Option<Duration> {
     let payload = token.split('.').nth(1)?;
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(payload.trim_end_matches('='))
         .ok()?;
     let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    let exp = claims.get("exp")?.as_i64()?;
+    let exp = Duration::from_secs(u64::try_from(claims.get("exp")?.as_i64()?).ok()?);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .ok()?;
-    let left = exp - now.as_secs() as i64;
-    (left > 0).then(|| Duration::from_secs(left as u64))
+    // Whole seconds on our side would overstate the lifetime by up to a second.
+    exp.checked_sub(now).filter(|left| !left.is_zero())
 }
 
 #[cfg(test)]

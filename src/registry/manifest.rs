@@ -178,6 +178,7 @@ pub fn parse_evidence(
         artifact_type: raw.artifact_type,
         subject,
         referrers: Vec::new(),
+        attributes: None,
         obtained_by: ObtainedBy::Get,
     })
 }

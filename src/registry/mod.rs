@@ -2,12 +2,14 @@
 //! anonymous/basic/bearer auth with a per-scope token cache, bounded retries, and a cap on
 //! in-flight requests per registry. One connection pool per registry.
 
+pub mod acr;
 pub mod auth;
+pub mod entra;
 pub mod error;
 pub mod manifest;
 pub mod referrers;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,7 +21,7 @@ use secrecy::ExposeSecret as _;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument as _;
 
-use crate::config::{Auth, RegistrySettings};
+use crate::config::{Auth, EntraCredential, RegistrySettings};
 use crate::model::Digest;
 use crate::model::reference::DOCKER_HUB;
 use auth::{Challenge, Token};
@@ -131,6 +133,16 @@ pub struct RegistryClient {
     auth: Auth,
     challenge: Mutex<Option<Challenge>>,
     tokens: Mutex<HashMap<String, Token>>,
+    /// For Entra credentials: the Entra token and the ACR refresh token traded for it.
+    entra: Option<EntraState>,
+    /// ACR: whether `/acr/v1` and the soft-delete listings are used.
+    acr: bool,
+    /// ACR soft-delete retention, for purge-time estimates.
+    retention_days: u32,
+    /// ACR repositories whose metadata API refused us; they use the generic path.
+    metadata_unavailable: Mutex<HashSet<String>>,
+    /// ACR repositories whose last tag listing took this many pages.
+    listing_pages: Mutex<HashMap<String, usize>>,
     /// Serialises token fetches so a burst of checks asks for each scope once.
     token_fetch: tokio::sync::Mutex<()>,
     limit: Arc<Semaphore>,
@@ -172,6 +184,23 @@ impl RegistryClient {
             builder = builder.tls_certs_only(std::iter::empty());
         }
         let http = builder.build().map_err(|e| setup(e.to_string()))?;
+        let entra = match &settings.auth {
+            Auth::Entra(credential) => Some(EntraState {
+                credential: credential.clone(),
+                // Entra and IMDS are not the registry: they get the system's trust anchors
+                // whatever the registry's own TLS settings are.
+                http: reqwest::Client::builder()
+                    .user_agent(concat!("driftwatch/", env!("CARGO_PKG_VERSION")))
+                    .timeout(timeout)
+                    .connect_timeout(CONNECT_TIMEOUT)
+                    .redirect(reqwest::redirect::Policy::none())
+                    .build()
+                    .map_err(|e| setup(e.to_string()))?,
+                entra_token: Mutex::new(None),
+                refresh_token: Mutex::new(None),
+            }),
+            _ => None,
+        };
         Ok(RegistryClient {
             registry: registry.to_string(),
             base: format!("{scheme}://{host}"),
@@ -179,6 +208,11 @@ impl RegistryClient {
             auth: settings.auth.clone(),
             challenge: Mutex::new(None),
             tokens: Mutex::new(HashMap::new()),
+            entra,
+            acr: settings.acr,
+            retention_days: settings.soft_delete_retention_days,
+            metadata_unavailable: Mutex::new(HashSet::new()),
+            listing_pages: Mutex::new(HashMap::new()),
             token_fetch: tokio::sync::Mutex::new(()),
             limit: Arc::new(Semaphore::new(concurrency.max(1))),
             requests: AtomicU64::new(0),
@@ -348,9 +382,7 @@ impl RegistryClient {
         }
     }
 
-    /// Sends a manifest request with auth, retrying transient failures within a bound. The
-    /// returned permit keeps the request counted against the concurrency cap until the body
-    /// has been read.
+    /// Sends a request needing `pull` on `repository`; see [`Self::send_scoped`].
     async fn send(
         &self,
         method: Method,
@@ -359,8 +391,23 @@ impl RegistryClient {
         accept: &str,
         what: &str,
     ) -> Result<(Response, OwnedSemaphorePermit), RegistryError> {
-        let url = format!("{}{path}", self.base);
         let scope = format!("repository:{repository}:pull");
+        self.send_scoped(method, path, &scope, accept, what).await
+    }
+
+    /// Sends a request with auth for `scope`, retrying transient failures within a bound.
+    /// The returned permit keeps the request counted against the concurrency cap until the
+    /// body has been read.
+    async fn send_scoped(
+        &self,
+        method: Method,
+        path: &str,
+        scope: &str,
+        accept: &str,
+        what: &str,
+    ) -> Result<(Response, OwnedSemaphorePermit), RegistryError> {
+        let url = format!("{}{path}", self.base);
+        let scope = scope.to_string();
         let mut attempt = 0;
         let mut reauthenticated = false;
         loop {
@@ -428,11 +475,17 @@ impl RegistryClient {
                     let Some(challenge) = header else {
                         return Err(self.unauthorized(what, &authorization));
                     };
-                    // A token the registry no longer accepts must not be offered again.
+                    // A token the registry no longer accepts must not be offered again, nor
+                    // what it was obtained with: a revoked refresh token is not retried.
                     self.tokens
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .remove(&scope);
+                    if authorization.is_some()
+                        && let Some(entra) = &self.entra
+                    {
+                        entra.forget();
+                    }
                     *self.challenge.lock().unwrap_or_else(|e| e.into_inner()) = Some(challenge);
                     attempt -= 1;
                 }
@@ -462,6 +515,10 @@ impl RegistryClient {
     fn unauthorized(&self, what: &str, sent: &Option<String>) -> RegistryError {
         let detail = match (sent, &self.auth) {
             (None, Auth::Anonymous) => "the registry requires credentials; none are configured",
+            (Some(_), Auth::Entra(_)) => {
+                "the ACR token was rejected (does the identity hold AcrPull, or the scope's \
+                 action, on this repository?)"
+            }
             (None, _) => "the registry's challenge could not be answered",
             (Some(_), _) => "credentials or token rejected",
         };
@@ -518,7 +575,7 @@ impl RegistryClient {
                     base64::engine::general_purpose::STANDARD.encode(raw)
                 ))
             }
-            Auth::Anonymous => None,
+            Auth::Anonymous | Auth::Entra(_) => None,
         }
     }
 
@@ -528,6 +585,9 @@ impl RegistryClient {
         service: Option<&str>,
         scope: &str,
     ) -> Result<Token, RegistryError> {
+        if let Some(entra) = &self.entra {
+            return self.acr_token(entra, realm, service, scope).await;
+        }
         let token_error = |reason: String| RegistryError::Token {
             realm: realm.to_string(),
             reason,
@@ -552,6 +612,142 @@ impl RegistryClient {
                 registry: self.registry.clone(),
                 what: format!("token for {scope}"),
                 detail: format!("the token endpoint answered {}", status.as_u16()),
+            });
+        }
+        if !status.is_success() {
+            return Err(token_error(format!("status {}", status.as_u16())));
+        }
+        let body = read_capped(resp, 1024 * 1024)
+            .await
+            .map_err(|_| token_error("unreadable or oversized answer".to_string()))?;
+        let token = auth::parse_token_answer(&body, Instant::now()).map_err(token_error)?;
+        metrics.token_refresh(&self.registry);
+        Ok(token)
+    }
+}
+
+/// Entra credentials and the tokens obtained with them.
+struct EntraState {
+    credential: EntraCredential,
+    http: reqwest::Client,
+    entra_token: Mutex<Option<Token>>,
+    refresh_token: Mutex<Option<Token>>,
+}
+
+impl EntraState {
+    fn forget(&self) {
+        *self.entra_token.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *self.refresh_token.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    fn tenant(&self) -> Option<&str> {
+        match &self.credential {
+            EntraCredential::ClientSecret { tenant_id, .. }
+            | EntraCredential::ClientCertificate { tenant_id, .. }
+            | EntraCredential::WorkloadIdentity { tenant_id, .. } => Some(tenant_id),
+            EntraCredential::ManagedIdentity { .. } => None,
+        }
+    }
+}
+
+fn valid(slot: &Mutex<Option<Token>>) -> Option<secrecy::SecretString> {
+    let slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+    slot.as_ref()
+        .filter(|t| t.refresh_at > Instant::now())
+        .map(|t| t.value.clone())
+}
+
+impl RegistryClient {
+    /// ACR's token chain for an Entra identity: an Entra token for ACR's audience, traded at
+    /// `/oauth2/exchange` for an ACR refresh token, traded at the realm for an access token
+    /// per scope. Each is kept until shortly before its own expiry (ACR's answers carry no
+    /// `expires_in`; their JWT `exp` says it).
+    async fn acr_token(
+        &self,
+        entra: &EntraState,
+        realm: &str,
+        service: Option<&str>,
+        scope: &str,
+    ) -> Result<Token, RegistryError> {
+        let service = service.unwrap_or(&self.registry);
+        let refresh = match valid(&entra.refresh_token) {
+            Some(t) => t,
+            None => {
+                let access = match valid(&entra.entra_token) {
+                    Some(t) => t,
+                    None => {
+                        let token =
+                            entra::token(&entra.http, &entra.credential)
+                                .await
+                                .map_err(|e| RegistryError::Token {
+                                    realm: e.endpoint,
+                                    reason: format!("Entra ID: {}", e.reason),
+                                })?;
+                        crate::telemetry::metrics().token_refresh(&self.registry);
+                        let value = token.value.clone();
+                        *entra.entra_token.lock().unwrap_or_else(|e| e.into_inner()) = Some(token);
+                        value
+                    }
+                };
+                let exchange = realm
+                    .strip_suffix("/oauth2/token")
+                    .map(|base| format!("{base}/oauth2/exchange"))
+                    .unwrap_or_else(|| format!("{}/oauth2/exchange", self.base));
+                let mut form = vec![
+                    ("grant_type", "access_token"),
+                    ("service", service),
+                    ("access_token", access.expose_secret()),
+                ];
+                if let Some(tenant) = entra.tenant() {
+                    form.push(("tenant", tenant));
+                }
+                let token = self.token_post(&exchange, &form, scope).await?;
+                let value = token.value.clone();
+                *entra
+                    .refresh_token
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = Some(token);
+                value
+            }
+        };
+        let form = [
+            ("grant_type", "refresh_token"),
+            ("service", service),
+            ("scope", scope),
+            ("refresh_token", refresh.expose_secret()),
+        ];
+        self.token_post(realm, &form, scope).await
+    }
+
+    /// A form POST to ACR's token service, read as a token answer.
+    async fn token_post(
+        &self,
+        url: &str,
+        form: &[(&str, &str)],
+        scope: &str,
+    ) -> Result<Token, RegistryError> {
+        let token_error = |reason: String| RegistryError::Token {
+            realm: url.to_string(),
+            reason,
+        };
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let sent = self.http.post(url).form(form).send().await;
+        let metrics = crate::telemetry::metrics();
+        metrics.registry_request(
+            &self.registry,
+            "POST",
+            sent.as_ref().ok().map(|r| r.status().as_u16()),
+        );
+        let resp = sent.map_err(|e| token_error(crate::cycle::error_chain(&e)))?;
+        let status = resp.status();
+        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+            return Err(RegistryError::Unauthorized {
+                registry: self.registry.clone(),
+                what: format!("token for {scope}"),
+                detail: format!(
+                    "{url} answered {} (is the identity granted access to this registry?)",
+                    status.as_u16()
+                ),
             });
         }
         if !status.is_success() {

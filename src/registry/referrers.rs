@@ -75,7 +75,7 @@ pub fn parse_index(body: &[u8], source: &str) -> Result<Vec<Referrer>, String> {
 }
 
 /// The `rel="next"` target of a `Link` header, as a path on the same registry.
-fn next_link(resp: &reqwest::Response, base: &str) -> Option<String> {
+pub(super) fn next_link(resp: &reqwest::Response, base: &str) -> Option<String> {
     let header = resp.headers().get(reqwest::header::LINK)?.to_str().ok()?;
     header.split(',').find_map(|part| {
         let (target, params) = part.split_once(';')?;
@@ -220,7 +220,7 @@ impl RegistryClient {
         Ok(Some(out))
     }
 
-    fn malformed(&self, what: &str, reason: String) -> RegistryError {
+    pub(super) fn malformed(&self, what: &str, reason: String) -> RegistryError {
         RegistryError::Malformed {
             registry: self.registry.clone(),
             what: what.to_string(),

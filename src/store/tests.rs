@@ -21,6 +21,7 @@ fn resolution(c: char) -> Resolution {
             artifact_type: None,
             subject: None,
             referrers: vec![],
+            attributes: None,
             obtained_by: ObtainedBy::Get,
         })),
         pinned: None,
