@@ -70,11 +70,18 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.daemon.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.daemon.listen))?;
+    // The dispatcher's channel, with the config already queued: any check requested over
+    // HTTP is queued behind it, so the dispatcher never sees a trigger without a plan.
+    let (tx, rx) = mpsc::channel::<Command<Arc<Live>>>(1024);
+    tx.send(Command::Replace(config.clone(), Live::new(config.clone())))
+        .await
+        .context("the scheduler stopped")?;
     let state = ServerState {
         health: health.clone(),
         config: current.clone(),
         view: view.clone(),
         store: store.clone(),
+        trigger: hook_trigger(tx.clone()),
     };
     let http_stop = stop.clone();
     let http = tokio::spawn(async move {
@@ -87,8 +94,6 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     });
     tracing::info!(listen = %config.daemon.listen, "serving HTTP");
 
-    // The dispatcher: every check starts here.
-    let (tx, rx) = mpsc::channel::<Command<Arc<Live>>>(1024);
     // Alert delivery: checks commit outbox rows and wake the deliverer.
     let wake = Arc::new(tokio::sync::Notify::new());
     let deliverer = Arc::new(crate::alert::Deliverer::new(config.clone(), store.clone()));
@@ -105,6 +110,7 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
             sd_notify::NotifyState::Status(&status),
         ]);
     });
+    // The dispatcher: every check starts here.
     let dispatcher = tokio::spawn(schedule::dispatch(
         rx,
         runner,
@@ -114,9 +120,6 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
         watchdog.map(|w| w / 2),
         heartbeat,
     ));
-    tx.send(Command::Replace(config.clone(), Live::new(config.clone())))
-        .await
-        .context("the scheduler stopped")?;
 
     let mut cron = CronJobs::start(tx.clone()).await?;
     cron.sync(&schedule::schedules(&config)).await?;
@@ -204,6 +207,18 @@ fn trim_heap() {
             malloc_trim(0);
         }
     }
+}
+
+/// Inbound hooks queue their checks without waiting: a full queue is answered 503, so the
+/// registry retries rather than holding a connection open.
+fn hook_trigger(tx: mpsc::Sender<Command<Arc<Live>>>) -> server::Trigger {
+    Arc::new(move |names| {
+        tx.try_send(Command::Trigger(names, DetectedBy::Webhook))
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => server::TriggerError::Full,
+                mpsc::error::TrySendError::Closed(_) => server::TriggerError::Stopped,
+            })
+    })
 }
 
 fn check_runner(store: Store, wake: Arc<tokio::sync::Notify>) -> Runner<Arc<Live>> {

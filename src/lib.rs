@@ -15,6 +15,8 @@
 //! - [`cycle`] runs one check of a set of watches through all of the above.
 //! - [`schedule`] decides when each watch is checked; [`app`] runs the daemon around it, and
 //!   [`server`] answers its HTTP endpoints.
+//! - [`hooks`] reads inbound registry notifications (ACR webhooks, Event Grid) and finds the
+//!   watches they concern; the server triggers early checks of those.
 //! - [`telemetry`] exports events, metrics and spans over OTLP, when an endpoint is set.
 //! - [`cli`] is the command line on top.
 
@@ -27,6 +29,7 @@ pub mod config;
 pub mod cycle;
 pub mod diff;
 pub mod event;
+pub mod hooks;
 pub mod model;
 pub mod registry;
 pub mod resolve;

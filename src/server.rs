@@ -1,18 +1,21 @@
-//! The daemon's HTTP endpoints: liveness, readiness (with the reasons when not ready), and
-//! the status of every watch.
+//! The daemon's HTTP endpoints: liveness, readiness (with the reasons when not ready), the
+//! status of every watch, and the inbound registry hooks that ask for an early check.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use axum::Router;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Json};
-use axum::routing::get;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRequest as _, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::{get, post};
 use chrono::{SecondsFormat, Utc};
+use secrecy::ExposeSecret as _;
 use serde_json::json;
 
 use crate::config::Config;
+use crate::hooks::{self, Delivery, Notice};
 use crate::schedule::View;
 use crate::store::Store;
 
@@ -36,6 +39,23 @@ pub struct ServerState {
     pub view: Arc<View>,
     /// The state store.
     pub store: Store,
+    /// Asks the scheduler to check watches now, for the inbound hooks.
+    pub trigger: Trigger,
+}
+
+/// Asks the scheduler to check the named watches at once, without waiting; the daemon's
+/// trigger queues a webhook-detected check on the dispatcher.
+pub type Trigger = Arc<dyn Fn(Vec<String>) -> Result<(), TriggerError> + Send + Sync>;
+
+/// Why a trigger could not be queued; the hook's sender is told to retry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TriggerError {
+    /// The scheduler's queue is full.
+    #[error("the scheduler's queue is full")]
+    Full,
+    /// The scheduler has stopped (the daemon is shutting down).
+    #[error("the scheduler has stopped")]
+    Stopped,
 }
 
 /// The router.
@@ -44,6 +64,13 @@ pub fn router(state: ServerState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/v1/watches", get(watches))
+        .route("/v1/hooks/acr", post(acr_hook))
+        .route(
+            "/v1/hooks/eventgrid",
+            post(eventgrid_hook).options(eventgrid_handshake),
+        )
+        // Only the hooks take bodies; a larger one is answered 413 without being read whole.
+        .layer(DefaultBodyLimit::max(hooks::MAX_BODY))
         .with_state(state)
 }
 
@@ -143,4 +170,199 @@ struct WatchStatus<'a> {
     last_error: Option<String>,
     consecutive_failures: i64,
     next_due: Option<String>,
+}
+
+/// The header Event Grid names its delivery kind in.
+const AEG_EVENT_TYPE: &str = "aeg-event-type";
+
+fn current_config(s: &ServerState) -> Arc<Config> {
+    s.config.read().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+fn authorized(headers: &HeaderMap, secret: &secrecy::SecretString) -> bool {
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .map(HeaderValue::as_bytes);
+    hooks::bearer_matches(value, secret.expose_secret())
+}
+
+/// An unconfigured hook is answered as if the route did not exist. Not a warning: scanners
+/// probing the port would fill the log.
+fn not_configured(hook: &'static str) -> Response {
+    tracing::debug!(hook, "inbound hook not configured");
+    let error = format!("no [hooks.{hook}] secret is configured");
+    (StatusCode::NOT_FOUND, Json(json!({ "error": error }))).into_response()
+}
+
+/// Refuses a delivery; nothing is triggered. `why` must never contain a secret.
+fn reject(hook: &'static str, status: StatusCode, why: String) -> Response {
+    tracing::warn!(hook, status = status.as_u16(), reason = %why, "inbound hook rejected");
+    let mut response = (status, Json(json!({ "error": why }))).into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    response
+}
+
+fn unauthorized(hook: &'static str) -> Response {
+    let why = "missing or wrong secret in `Authorization: Bearer <secret>`".to_string();
+    reject(hook, StatusCode::UNAUTHORIZED, why)
+}
+
+fn body_too_large(hook: &'static str) -> Response {
+    let why = format!("the body is larger than {} bytes", hooks::MAX_BODY);
+    reject(hook, StatusCode::PAYLOAD_TOO_LARGE, why)
+}
+
+/// Reads a hook's body. An announced length over the cap is refused before anything is read;
+/// a body without one is cut off at the cap by the router's limit.
+async fn read_body(hook: &'static str, request: Request) -> Result<Bytes, Response> {
+    let announced = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > hooks::MAX_BODY as u64) {
+        return Err(body_too_large(hook));
+    }
+    Bytes::from_request(request, &()).await.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            body_too_large(hook)
+        } else {
+            let why = format!("the body could not be read: {}", r.body_text());
+            reject(hook, r.status(), why)
+        }
+    })
+}
+
+/// Triggers the watches the notices concern and answers 202 with their names.
+fn accept(s: &ServerState, config: &Config, hook: &'static str, notices: &[Notice]) -> Response {
+    for n in notices {
+        tracing::debug!(
+            hook,
+            action = n.action.as_str(),
+            host = n.host.as_deref().or(n.registry_name.as_deref()).unwrap_or(""),
+            repository = %n.repository,
+            tag = n.tag.as_deref().unwrap_or(""),
+            "registry notice"
+        );
+    }
+    let names = hooks::matching_watches(config, notices);
+    if !names.is_empty()
+        && let Err(e) = (s.trigger)(names.clone())
+    {
+        // 503 rather than 202: the sender retries, and the change is not missed.
+        tracing::warn!(hook, cause = %e, "inbound hook not queued; asking the sender to retry");
+        let mut response = (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "error": e.to_string() })),
+        )
+            .into_response();
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return response;
+    }
+    tracing::info!(
+        hook,
+        notices = notices.len(),
+        triggered = names.len(),
+        "inbound hook accepted"
+    );
+    (StatusCode::ACCEPTED, Json(json!({ "triggered": names }))).into_response()
+}
+
+/// `POST /v1/hooks/acr`: an ACR webhook.
+async fn acr_hook(State(s): State<ServerState>, request: Request) -> Response {
+    const HOOK: &str = "acr";
+    // The config in force now, so that a reload changes the secret for the next request.
+    let config = current_config(&s);
+    let Some(secret) = &config.hooks.acr else {
+        return not_configured(HOOK);
+    };
+    // The secret first: the body of an unauthenticated sender is never read.
+    if !authorized(request.headers(), secret) {
+        return unauthorized(HOOK);
+    }
+    let body = match read_body(HOOK, request).await {
+        Ok(b) => b,
+        Err(refused) => return refused,
+    };
+    match hooks::parse_acr(&body) {
+        Ok(notices) => accept(&s, &config, HOOK, &notices),
+        Err(e) => reject(HOOK, StatusCode::BAD_REQUEST, e.to_string()),
+    }
+}
+
+/// `POST /v1/hooks/eventgrid`: Event Grid deliveries in either schema, and the subscription
+/// validation handshake.
+async fn eventgrid_hook(State(s): State<ServerState>, request: Request) -> Response {
+    const HOOK: &str = "eventgrid";
+    let config = current_config(&s);
+    let Some(secret) = &config.hooks.eventgrid else {
+        return not_configured(HOOK);
+    };
+    let headers = request.headers().clone();
+    let body = match read_body(HOOK, request).await {
+        Ok(b) => b,
+        Err(refused) => return refused,
+    };
+
+    // The handshake is answered without the secret: it only echoes the code back and
+    // triggers nothing.
+    let parsed = match hooks::parse_eventgrid(&body) {
+        Ok(Delivery::Validation(code)) => {
+            tracing::info!(hook = HOOK, "Event Grid subscription validation answered");
+            return (StatusCode::OK, Json(json!({ "validationResponse": code }))).into_response();
+        }
+        Ok(Delivery::Notices(notices)) => Ok(notices),
+        Err(e) => Err(e),
+    };
+    let announced = headers
+        .get(AEG_EVENT_TYPE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"SubscriptionValidation"));
+    if announced {
+        let why = match parsed {
+            Err(e) => e.to_string(),
+            Ok(_) => format!(
+                "{AEG_EVENT_TYPE} is SubscriptionValidation but the body holds no {}",
+                hooks::SUBSCRIPTION_VALIDATION_EVENT
+            ),
+        };
+        return reject(HOOK, StatusCode::BAD_REQUEST, why);
+    }
+
+    if !authorized(&headers, secret) {
+        return unauthorized(HOOK);
+    }
+    match parsed {
+        Ok(notices) => accept(&s, &config, HOOK, &notices),
+        Err(e) => reject(HOOK, StatusCode::BAD_REQUEST, e.to_string()),
+    }
+}
+
+/// `OPTIONS /v1/hooks/eventgrid`: the CloudEvents abuse-protection handshake. Any origin is
+/// allowed, since deliveries still need the secret; a requested rate is not limited.
+async fn eventgrid_handshake(State(s): State<ServerState>, headers: HeaderMap) -> Response {
+    const HOOK: &str = "eventgrid";
+    if current_config(&s).hooks.eventgrid.is_none() {
+        return not_configured(HOOK);
+    }
+    let Some(origin) = headers
+        .get("webhook-request-origin")
+        .filter(|v| !v.is_empty())
+    else {
+        let why = "an OPTIONS request needs a WebHook-Request-Origin header".to_string();
+        return reject(HOOK, StatusCode::BAD_REQUEST, why);
+    };
+    let mut response = StatusCode::OK.into_response();
+    let h = response.headers_mut();
+    h.insert("webhook-allowed-origin", origin.clone());
+    if headers.contains_key("webhook-request-rate") {
+        h.insert("webhook-allowed-rate", HeaderValue::from_static("*"));
+    }
+    h.insert(header::ALLOW, HeaderValue::from_static("POST, OPTIONS"));
+    tracing::info!(hook = HOOK, "CloudEvents webhook handshake answered");
+    response
 }
