@@ -395,8 +395,8 @@ async fn inspect(config: &Config, reference: &str, format: Format) -> anyhow::Re
     };
     // Referrers are shown when they can be listed; a registry that refuses the listing does
     // not hide the rest of the evidence.
-    match resolve::referrers(&registries, &r, &e.digest).await {
-        Ok(list) => e.referrers = list,
+    match resolve::referrers(&registries, &r, &e.digest, None).await {
+        Ok((list, _)) => e.referrers = list,
         Err(err) => tracing::warn!(cause = %error_chain(&err), "referrers could not be listed"),
     }
     match format {
@@ -563,7 +563,7 @@ async fn verify(
         return Ok(EXIT_DRIFT);
     }
     if !require_referrer.is_empty() {
-        let found = resolve::referrers(&registries, &r, &digest).await?;
+        let (found, _) = resolve::referrers(&registries, &r, &digest, None).await?;
         let missing: Vec<&str> = require_referrer
             .iter()
             .filter(|t| !found.iter().any(|f| f.satisfies(t)))

@@ -54,7 +54,8 @@ pub async fn observe(
         );
     }
     if let (Observation::Present(e), true) = (&mut observation, referrers) {
-        e.referrers = self::referrers(registries, target, &e.digest).await?;
+        (e.referrers, e.referrers_etag) =
+            self::referrers(registries, target, &e.digest, known).await?;
     }
     Ok(observation)
 }
@@ -205,34 +206,69 @@ fn with_obtained_by(known: &ManifestEvidence, by: ObtainedBy) -> ManifestEvidenc
 
 /// The referrers of `subject` in `target`'s repository, from every source there is: the
 /// referrers API, or the referrers tag schema where the registry lacks the API, plus cosign's
-/// `sha256-<hex>.sig|.att|.sbom` tags. Sorted by digest, each once.
+/// `sha256-<hex>.sig|.att|.sbom` tags. Sorted by digest, each once. Also returns the
+/// validator (ETag) the next lookup can offer.
 ///
-/// Cost per call: one request to the API (or, without it, the tag schema's index when its
-/// tag exists), one tag listing (more pages for repositories with over 1,000 tags), and one
-/// HEAD per cosign tag present.
+/// `known` is the stored evidence of the same subject, if any: its validator makes the API
+/// request (or the tag schema's index) conditional, and its cosign tags are looked at
+/// directly while the repository's tags were listed for this subject within the last hour.
+/// So an unchanged set costs one request (plus one per cosign tag) in a long-running
+/// process; a fresh process also asks whether the API exists and lists the tags once.
 pub async fn referrers(
     registries: &Registries,
     target: &Reference,
     subject: &crate::model::Digest,
-) -> Result<Vec<crate::model::Referrer>, RegistryError> {
+    known: Option<&ManifestEvidence>,
+) -> Result<(Vec<crate::model::Referrer>, Option<String>), RegistryError> {
+    use crate::registry::Conditional;
     use crate::registry::referrers::{
         ApiAnswer, COSIGN_ATTESTATION, COSIGN_SBOM, COSIGN_SIGNATURE, parse_index, schema_tag,
     };
     let client = registries.client(target.registry())?;
     let repo = target.repository();
-    let (mut found, api) = match client.referrers_api(repo, subject, None).await? {
-        ApiAnswer::Supported(list) => (list, true),
-        ApiAnswer::NoRepository => return Ok(Vec::new()),
-        ApiAnswer::Unsupported => (Vec::new(), false),
+    let known = known.filter(|k| k.digest == *subject);
+    let etag = known.and_then(|k| k.referrers_etag.as_deref());
+    let known_from = |source: &str| -> Vec<crate::model::Referrer> {
+        known
+            .map(|k| {
+                k.referrers
+                    .iter()
+                    .filter(|r| r.source.as_deref() == Some(source))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
     };
 
-    let tags = client.tags(repo).await?.unwrap_or_default();
-    let schema = schema_tag(subject);
-    if !api && tags.contains(&schema) {
-        // A tag-schema tag that is missing or not an index means no referrers.
-        if let ManifestLookup::Found(f) = client.get_manifest(repo, &schema, None).await?
-            && crate::registry::manifest::is_index_type(&f.media_type)
+    let mut found = Vec::new();
+    let mut validator = None;
+    let mut api = false;
+    if !client.referrers_api_absent() {
+        match client
+            .referrers_api_if_changed(repo, subject, None, etag)
+            .await?
         {
+            (ApiAnswer::Supported(list), tag) => (found, validator, api) = (list, tag, true),
+            (ApiAnswer::NotModified, tag) => {
+                (found, validator, api) = (known_from("api"), tag, true)
+            }
+            (ApiAnswer::NoRepository, _) => return Ok((Vec::new(), None)),
+            (ApiAnswer::Unsupported, _) => client.note_referrers_api_absent(),
+        }
+    }
+    let schema = schema_tag(subject);
+    if !api {
+        // A tag-schema tag that is missing or not an index means no referrers.
+        match client
+            .get_manifest_if_changed(repo, &schema, None, etag)
+            .await?
+        {
+            Conditional::NotModified => {
+                found.extend(known_from("tag-schema"));
+                validator = etag.map(str::to_string);
+            }
+            Conditional::Changed(ManifestLookup::Found(f), tag)
+                if crate::registry::manifest::is_index_type(&f.media_type) =>
             {
                 let list = parse_index(&f.body, "tag-schema").map_err(|reason| {
                     RegistryError::Malformed {
@@ -242,9 +278,24 @@ pub async fn referrers(
                     }
                 })?;
                 found.extend(list);
+                validator = tag;
             }
+            Conditional::Changed(..) => {}
         }
     }
+
+    // Cosign tags: listed now and then; in between, the ones already known are looked at.
+    let cosign_known = known_from("cosign-tag");
+    let tags: Vec<String> = if known.is_some() && client.cosign_listed_recently(repo, subject) {
+        cosign_known
+            .iter()
+            .filter_map(|r| r.annotations.get(COSIGN_TAG_ANNOTATION).cloned())
+            .collect()
+    } else {
+        let listed = client.tags(repo).await?.unwrap_or_default();
+        client.note_cosign_listed(repo, subject);
+        listed
+    };
     for (suffix, artifact_type) in [
         (".sig", COSIGN_SIGNATURE),
         (".att", COSIGN_ATTESTATION),
@@ -257,7 +308,7 @@ pub async fn referrers(
         if let ManifestLookup::Found(h) = client.head_manifest(repo, &tag).await? {
             let Some(digest) = h.digest else { continue };
             let mut annotations = std::collections::BTreeMap::new();
-            annotations.insert("dev.driftwatch.cosign.tag".to_string(), tag);
+            annotations.insert(COSIGN_TAG_ANNOTATION.to_string(), tag);
             found.push(crate::model::Referrer {
                 digest,
                 artifact_type: Some(artifact_type.to_string()),
@@ -269,8 +320,11 @@ pub async fn referrers(
     }
     found.sort_by(|a, b| a.digest.cmp(&b.digest));
     found.dedup_by(|a, b| a.digest == b.digest);
-    Ok(found)
+    Ok((found, validator))
 }
+
+/// The annotation naming the cosign tag a referrer was found under.
+const COSIGN_TAG_ANNOTATION: &str = "dev.driftwatch.cosign.tag";
 
 /// Fetches the full evidence for a reference (by digest when it has one), for `inspect`.
 pub async fn fetch_evidence(

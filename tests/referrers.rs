@@ -240,7 +240,7 @@ async fn the_native_api_is_followed_across_pages_and_filtered_when_the_registry_
     let target = Reference::parse(&format!("{}/team/api:prod", fake.host())).unwrap();
     let regs = registries(&fake);
 
-    let list = referrers(&regs, &target, &subject).await.unwrap();
+    let (list, _) = referrers(&regs, &target, &subject, None).await.unwrap();
     let digests: Vec<&Digest> = list.iter().map(|r| &r.digest).collect();
     assert_eq!(list.len(), 3, "both pages are read: {digests:?}");
     assert!(list.iter().all(|r| r.source.as_deref() == Some("api")));
@@ -283,9 +283,10 @@ async fn an_empty_index_is_no_referrers_and_a_404_falls_back_to_the_tag_schema()
     fake.set_path("/v2/team/api/tags/list?n=1000", tag_list(&["prod"]));
     fake.set_path(&format!("/v2/team/api/referrers/{subject}"), page(&[], &[]));
     assert!(
-        referrers(&registries(&fake), &target, &subject)
+        referrers(&registries(&fake), &target, &subject, None)
             .await
             .unwrap()
+            .0
             .is_empty()
     );
 
@@ -304,7 +305,7 @@ async fn an_empty_index_is_no_referrers_and_a_404_falls_back_to_the_tag_schema()
         &schema,
         Behavior::serve(OCI_INDEX, serde_json::to_vec(&index).unwrap()),
     );
-    let list = referrers(&registries(&fake), &target, &subject)
+    let (list, _) = referrers(&registries(&fake), &target, &subject, None)
         .await
         .unwrap();
     assert_eq!(list.len(), 1);
@@ -318,8 +319,118 @@ async fn an_empty_index_is_no_referrers_and_a_404_falls_back_to_the_tag_schema()
         Behavior::status(503, ""),
     );
     assert!(
-        referrers(&registries(&fake), &target, &subject)
+        referrers(&registries(&fake), &target, &subject, None)
             .await
             .is_err()
     );
+}
+
+fn known(
+    subject: &Digest,
+    referrers: &[driftwatch::model::Referrer],
+    etag: Option<String>,
+) -> driftwatch::model::ManifestEvidence {
+    serde_json::from_value(json!({
+        "digest": subject,
+        "media_type": OCI_MANIFEST,
+        "size": 10,
+        "referrers": referrers,
+        "referrers_etag": etag,
+        "obtained_by": "head",
+    }))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn an_unchanged_list_from_the_api_costs_one_conditional_request() {
+    let fake = FakeRegistry::start().await;
+    let subject = Digest::sha256_of(b"subject");
+    let a = Digest::sha256_of(b"a");
+    let path = format!("/v2/team/api/referrers/{subject}");
+    fake.set_path(
+        &path,
+        Behavior::Sequence(vec![
+            page(&[(a.as_str(), NOTARY)], &[("ETag", "\"v1\"")]),
+            Behavior::Status {
+                code: 304,
+                headers: vec![("ETag".into(), "\"v1\"".into())],
+                body: String::new(),
+            },
+        ]),
+    );
+    fake.set_path("/v2/team/api/tags/list?n=1000", tag_list(&["prod"]));
+    let target = Reference::parse(&format!("{}/team/api:prod", fake.host())).unwrap();
+    let regs = registries(&fake);
+
+    let (first, etag) = referrers(&regs, &target, &subject, None).await.unwrap();
+    assert_eq!(first.len(), 1);
+    assert_eq!(etag.as_deref(), Some("\"v1\""));
+
+    fake.clear_requests();
+    let stored = known(&subject, &first, etag);
+    let (again, etag) = referrers(&regs, &target, &subject, Some(&stored))
+        .await
+        .unwrap();
+    assert_eq!(again, first, "a 304 keeps the stored list");
+    assert_eq!(etag.as_deref(), Some("\"v1\""));
+    let sent = fake.requests();
+    assert_eq!(sent.len(), 1, "{sent:#?}");
+    assert_eq!(sent[0].if_none_match.as_deref(), Some("\"v1\""));
+}
+
+#[tokio::test]
+async fn an_unchanged_tag_schema_index_costs_one_request_per_check_in_the_daemon() {
+    use driftwatch::config::Config;
+    use driftwatch::cycle::{CycleOptions, run_cycle};
+    use driftwatch::event::DetectedBy;
+
+    let registry = Registry::start().await;
+    let push = registry.pusher();
+    let signed = push.push_image("team/api", Some("prod"), "signed").await;
+    let sig = push_referrer(&push, "team/api", &signed, NOTARY, "notary-sig").await;
+    let sbom = push_referrer(&push, "team/api", &signed, SPDX, "spdx-sbom").await;
+    put_schema_index(&push, "team/api", &signed, &[sig.clone(), sbom]).await;
+
+    let dir = TestDir::new();
+    let host = registry.host();
+    let path = dir.write_config(&format!(
+        "[daemon]\nstate = \"state.db\"\n[registries.\"{host}\"]\ninsecure = true\n\
+         [[watch]]\nname = \"api\"\nimage = \"{host}/team/api:prod\"\nreferrers = true\n"
+    ));
+    let config = Config::load_with_env(&path, &[]).unwrap();
+    let registries = Arc::new(Registries::new(
+        config.registries.clone(),
+        config.daemon.concurrency,
+        config.daemon.request_timeout,
+    ));
+    let store = driftwatch::store::Store::open(&dir.path().join("state.db"))
+        .await
+        .unwrap();
+    let watches: Vec<_> = config.watches.iter().map(|w| w.as_ref()).collect();
+    let options = CycleOptions {
+        route_alerts: false,
+        detected_by: DetectedBy::Poll,
+    };
+    let cycle = async || {
+        let before = registries.requests_sent();
+        let report = run_cycle(&config, &registries, &store, &watches, options)
+            .await
+            .unwrap();
+        assert!(report.watches[0].error.is_none(), "{:?}", report.watches);
+        (report, registries.requests_sent() - before)
+    };
+    let (baseline, _) = cycle().await;
+    assert_eq!(baseline.events.len(), 1);
+
+    // One HEAD for the tag, one conditional GET (304) for the tag schema's index.
+    let (steady, requests) = cycle().await;
+    assert!(steady.events.is_empty());
+    assert_eq!(requests, 2);
+
+    // The SBOM is removed from the index: the conditional GET gets the new one.
+    put_schema_index(&push, "team/api", &signed, &[sig]).await;
+    let (lost, requests) = cycle().await;
+    let kinds: Vec<&str> = lost.events.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, ["driftwatch.referrers.lost"]);
+    assert_eq!(requests, 2);
 }

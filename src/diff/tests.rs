@@ -23,6 +23,7 @@ fn image(c: char) -> Observation {
         artifact_type: None,
         subject: None,
         referrers: vec![],
+        referrers_etag: None,
         attributes: None,
         obtained_by: ObtainedBy::Get,
     })

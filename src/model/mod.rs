@@ -238,6 +238,10 @@ pub struct ManifestEvidence {
     /// Referrers of this digest, when the watch tracks them.
     #[serde(default)]
     pub referrers: Vec<Referrer>,
+    /// The validator (`ETag`) of the referrer list, offered with the next lookup so that an
+    /// unchanged list costs a 304.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub referrers_etag: Option<String>,
     /// Registry-side attributes (ACR), when the registry has them and lets us read them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attributes: Option<RegistryAttributes>,

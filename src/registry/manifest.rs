@@ -178,6 +178,7 @@ pub fn parse_evidence(
         artifact_type: raw.artifact_type,
         subject,
         referrers: Vec::new(),
+        referrers_etag: None,
         attributes: None,
         obtained_by: ObtainedBy::Get,
     })

@@ -64,6 +64,15 @@ pub struct HeadInfo {
     pub size: Option<u64>,
 }
 
+/// The answer to a conditional request.
+#[derive(Debug)]
+pub enum Conditional<T> {
+    /// 304: what the validator stands for is still current.
+    NotModified,
+    /// A full answer, with its `ETag` when the registry sent one.
+    Changed(T, Option<String>),
+}
+
 /// A manifest body whose digest has been verified.
 #[derive(Debug, Clone)]
 pub struct Fetched {
@@ -143,6 +152,10 @@ pub struct RegistryClient {
     metadata_unavailable: Mutex<HashSet<String>>,
     /// ACR repositories whose last tag listing took this many pages.
     listing_pages: Mutex<HashMap<String, usize>>,
+    /// When the registry last said it has no referrers API.
+    no_referrers_api: Mutex<Option<Instant>>,
+    /// When each (repository, subject) was last listed for cosign tags.
+    cosign_listed: Mutex<HashMap<(String, Digest), Instant>>,
     /// Serialises token fetches so a burst of checks asks for each scope once.
     token_fetch: tokio::sync::Mutex<()>,
     limit: Arc<Semaphore>,
@@ -213,6 +226,8 @@ impl RegistryClient {
             retention_days: settings.soft_delete_retention_days,
             metadata_unavailable: Mutex::new(HashSet::new()),
             listing_pages: Mutex::new(HashMap::new()),
+            no_referrers_api: Mutex::new(None),
+            cosign_listed: Mutex::new(HashMap::new()),
             token_fetch: tokio::sync::Mutex::new(()),
             limit: Arc::new(Semaphore::new(concurrency.max(1))),
             requests: AtomicU64::new(0),
@@ -273,11 +288,55 @@ impl RegistryClient {
         reference: &str,
         expect: Option<&Digest>,
     ) -> Result<ManifestLookup<Fetched>, RegistryError> {
+        match self
+            .get_manifest_if_changed(repository, reference, expect, None)
+            .await?
+        {
+            Conditional::Changed(lookup, _) => Ok(lookup),
+            // Nothing was offered to match, so this cannot happen; a registry that says it
+            // anyway gave no authoritative answer.
+            Conditional::NotModified => Err(RegistryError::Status {
+                registry: self.registry.clone(),
+                what: format!("{repository}:{reference}"),
+                status: 304,
+                code: None,
+            }),
+        }
+    }
+
+    /// [`Self::get_manifest`] with `If-None-Match: etag`: a registry that supports it answers
+    /// 304 when the manifest is unchanged. A fresh answer comes with its `ETag`.
+    pub async fn get_manifest_if_changed(
+        &self,
+        repository: &str,
+        reference: &str,
+        expect: Option<&Digest>,
+        etag: Option<&str>,
+    ) -> Result<Conditional<ManifestLookup<Fetched>>, RegistryError> {
         let what = format!("{repository}:{reference}");
         let path = manifest_path(repository, reference);
+        let scope = format!("repository:{repository}:pull");
         let (resp, _permit) = self
-            .send(Method::GET, &path, repository, manifest::ACCEPT, &what)
+            .send_with(Method::GET, &path, &scope, manifest::ACCEPT, etag, &what)
             .await?;
+        let status = resp.status();
+        if status == StatusCode::NOT_MODIFIED && etag.is_some() {
+            return Ok(Conditional::NotModified);
+        }
+        let new_etag = header_text(&resp, reqwest::header::ETAG);
+        Ok(Conditional::Changed(
+            self.read_manifest(resp, &what, expect).await?,
+            new_etag,
+        ))
+    }
+
+    async fn read_manifest(
+        &self,
+        resp: Response,
+        what: &str,
+        expect: Option<&Digest>,
+    ) -> Result<ManifestLookup<Fetched>, RegistryError> {
+        let what = what.to_string();
         let status = resp.status();
         if status == StatusCode::NOT_FOUND {
             let body = read_capped(resp, 64 * 1024).await.unwrap_or_default();
@@ -392,18 +451,32 @@ impl RegistryClient {
         what: &str,
     ) -> Result<(Response, OwnedSemaphorePermit), RegistryError> {
         let scope = format!("repository:{repository}:pull");
-        self.send_scoped(method, path, &scope, accept, what).await
+        self.send_with(method, path, &scope, accept, None, what)
+            .await
     }
 
-    /// Sends a request with auth for `scope`, retrying transient failures within a bound.
-    /// The returned permit keeps the request counted against the concurrency cap until the
-    /// body has been read.
     async fn send_scoped(
         &self,
         method: Method,
         path: &str,
         scope: &str,
         accept: &str,
+        what: &str,
+    ) -> Result<(Response, OwnedSemaphorePermit), RegistryError> {
+        self.send_with(method, path, scope, accept, None, what)
+            .await
+    }
+
+    /// Sends a request with auth for `scope` (and `If-None-Match` when given), retrying
+    /// transient failures within a bound. The returned permit keeps the request counted
+    /// against the concurrency cap until the body has been read.
+    async fn send_with(
+        &self,
+        method: Method,
+        path: &str,
+        scope: &str,
+        accept: &str,
+        if_none_match: Option<&str>,
         what: &str,
     ) -> Result<(Response, OwnedSemaphorePermit), RegistryError> {
         let url = format!("{}{path}", self.base);
@@ -424,6 +497,9 @@ impl RegistryClient {
                 .http
                 .request(method.clone(), &url)
                 .header(ACCEPT, accept);
+            if let Some(etag) = if_none_match {
+                req = req.header(reqwest::header::IF_NONE_MATCH, etag);
+            }
             if let Some(h) = &authorization {
                 req = req.header(AUTHORIZATION, h);
             }
@@ -764,6 +840,13 @@ impl RegistryClient {
 
 fn manifest_path(repository: &str, reference: &str) -> String {
     format!("/v2/{repository}/manifests/{reference}")
+}
+
+fn header_text(resp: &Response, name: reqwest::header::HeaderName) -> Option<String> {
+    resp.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
 }
 
 fn content_type(resp: &Response) -> String {

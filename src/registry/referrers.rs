@@ -16,6 +16,11 @@ const MAX_PAGES: usize = 20;
 const MAX_TAG_PAGES: usize = 50;
 /// Body cap of one referrers or tag-list page.
 const MAX_PAGE_BYTES: usize = 4 * 1024 * 1024;
+/// How long a registry's missing referrers API is believed before it is asked again.
+const RECHECK_API: std::time::Duration = std::time::Duration::from_secs(3600);
+/// How often a repository's tags are listed to discover new cosign tags of a subject whose
+/// referrers are known; in between, only the known cosign tags are looked at.
+pub const COSIGN_RELIST: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// Artifact type given to a cosign `.sig` tag's manifest.
 pub const COSIGN_SIGNATURE: &str = "application/vnd.dev.cosign.artifact.sig.v1+json";
@@ -29,6 +34,8 @@ pub const COSIGN_ATTESTATION: &str = "application/vnd.dev.cosign.artifact.att.v1
 pub enum ApiAnswer {
     /// The registry implements the API; here is the (filtered) list.
     Supported(Vec<Referrer>),
+    /// The list is unchanged since the ETag offered (304).
+    NotModified,
     /// The registry does not implement it: use the tag schema.
     Unsupported,
     /// The repository does not exist.
@@ -110,6 +117,21 @@ impl RegistryClient {
         subject: &Digest,
         artifact_type: Option<&str>,
     ) -> Result<ApiAnswer, RegistryError> {
+        Ok(self
+            .referrers_api_if_changed(repository, subject, artifact_type, None)
+            .await?
+            .0)
+    }
+
+    /// [`Self::referrers_api`] with `If-None-Match: etag` on the first page, and the ETag of
+    /// a list that fits one page (a later page could change under an unchanged first one).
+    pub async fn referrers_api_if_changed(
+        &self,
+        repository: &str,
+        subject: &Digest,
+        artifact_type: Option<&str>,
+        etag: Option<&str>,
+    ) -> Result<(ApiAnswer, Option<String>), RegistryError> {
         let what = format!("referrers of {repository}@{subject}");
         let mut path = format!("/v2/{repository}/referrers/{subject}");
         if let Some(t) = artifact_type {
@@ -119,11 +141,27 @@ impl RegistryClient {
             ));
         }
         let mut out = Vec::new();
+        let scope = format!("repository:{repository}:pull");
+        let mut first_etag = None;
         for page in 0..MAX_PAGES {
+            let offer = if page == 0 { etag } else { None };
             let (resp, _permit) = self
-                .send(Method::GET, &path, repository, manifest::OCI_INDEX, &what)
+                .send_with(
+                    Method::GET,
+                    &path,
+                    &scope,
+                    manifest::OCI_INDEX,
+                    offer,
+                    &what,
+                )
                 .await?;
             let status = resp.status();
+            if page == 0 && offer.is_some() && status == StatusCode::NOT_MODIFIED {
+                return Ok((ApiAnswer::NotModified, etag.map(str::to_string)));
+            }
+            if page == 0 {
+                first_etag = super::header_text(&resp, reqwest::header::ETAG);
+            }
             let content_type = resp
                 .headers()
                 .get(reqwest::header::CONTENT_TYPE)
@@ -138,17 +176,20 @@ impl RegistryClient {
             let next = next_link(&resp, &self.base);
             if status == StatusCode::NOT_FOUND {
                 let body = read_capped(resp, 64 * 1024).await.unwrap_or_default();
-                return Ok(match super::error_code(&body).as_deref() {
-                    Some("NAME_UNKNOWN") => ApiAnswer::NoRepository,
-                    _ if page == 0 => ApiAnswer::Unsupported,
-                    code => {
-                        return Err(self.status_error(status, code.map(str::to_string), &what));
-                    }
-                });
+                return Ok((
+                    match super::error_code(&body).as_deref() {
+                        Some("NAME_UNKNOWN") => ApiAnswer::NoRepository,
+                        _ if page == 0 => ApiAnswer::Unsupported,
+                        code => {
+                            return Err(self.status_error(status, code.map(str::to_string), &what));
+                        }
+                    },
+                    None,
+                ));
             }
             // Some registries answer an unknown route with 400 or 405 instead of 404.
             if page == 0 && matches!(status.as_u16(), 400 | 405) {
-                return Ok(ApiAnswer::Unsupported);
+                return Ok((ApiAnswer::Unsupported, None));
             }
             if status != StatusCode::OK {
                 let body = read_capped(resp, 64 * 1024).await.unwrap_or_default();
@@ -156,7 +197,7 @@ impl RegistryClient {
             }
             if content_type != manifest::OCI_INDEX {
                 if page == 0 {
-                    return Ok(ApiAnswer::Unsupported);
+                    return Ok((ApiAnswer::Unsupported, None));
                 }
                 return Err(self.malformed(&what, format!("a page served as {content_type:?}")));
             }
@@ -171,7 +212,10 @@ impl RegistryClient {
             out.extend(list);
             match next {
                 Some(p) => path = p,
-                None => return Ok(ApiAnswer::Supported(out)),
+                None => {
+                    let etag = if page == 0 { first_etag } else { None };
+                    return Ok((ApiAnswer::Supported(out), etag));
+                }
             }
         }
         tracing::warn!(
@@ -180,7 +224,44 @@ impl RegistryClient {
             pages = MAX_PAGES,
             "referrers list cut at the page limit"
         );
-        Ok(ApiAnswer::Supported(out))
+        Ok((ApiAnswer::Supported(out), None))
+    }
+
+    /// Whether this registry recently answered that it has no referrers API, so that the
+    /// tag schema is used without asking again (for an hour).
+    pub fn referrers_api_absent(&self) -> bool {
+        self.no_referrers_api
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|since| since.elapsed() < RECHECK_API)
+    }
+
+    /// Records that the registry has no referrers API.
+    pub fn note_referrers_api_absent(&self) {
+        *self
+            .no_referrers_api
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
+    }
+
+    /// Whether `repository`'s tags were listed for cosign tags of `subject` within the last
+    /// [`COSIGN_RELIST`]; then only the cosign tags already known are looked at.
+    pub fn cosign_listed_recently(&self, repository: &str, subject: &Digest) -> bool {
+        self.cosign_listed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(repository.to_string(), subject.clone()))
+            .is_some_and(|at| at.elapsed() < COSIGN_RELIST)
+    }
+
+    /// Records a cosign tag discovery for `subject`, forgetting those too old to matter.
+    pub fn note_cosign_listed(&self, repository: &str, subject: &Digest) {
+        let mut listed = self.cosign_listed.lock().unwrap_or_else(|e| e.into_inner());
+        listed.retain(|_, at| at.elapsed() < COSIGN_RELIST);
+        listed.insert(
+            (repository.to_string(), subject.clone()),
+            std::time::Instant::now(),
+        );
     }
 
     /// Every tag of a repository (following `Link` pages), or `None` if the repository does

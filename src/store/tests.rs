@@ -21,6 +21,7 @@ fn resolution(c: char) -> Resolution {
             artifact_type: None,
             subject: None,
             referrers: vec![],
+            referrers_etag: None,
             attributes: None,
             obtained_by: ObtainedBy::Get,
         })),

@@ -130,6 +130,7 @@ pub struct RecordedRequest {
     pub query: Option<String>,
     pub authorization: Option<String>,
     pub accept: Option<String>,
+    pub if_none_match: Option<String>,
     /// Status sent back; `None` while the answer is pending (e.g. [`Behavior::Hang`]).
     pub status: Option<u16>,
     pub at: Instant,
@@ -380,6 +381,7 @@ fn record(state: &Shared, method: &Method, uri: &Uri, headers: &HeaderMap) -> us
         query: uri.query().map(str::to_owned),
         authorization: header_str(headers, header::AUTHORIZATION),
         accept: header_str(headers, header::ACCEPT),
+        if_none_match: header_str(headers, header::IF_NONE_MATCH),
         status: None,
         at: Instant::now(),
     });
