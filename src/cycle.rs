@@ -70,7 +70,7 @@ pub async fn run_cycle(
     // The same tag or digest named by several watches is looked up once. Stored evidence for
     // each target lets an unchanged one cost a single HEAD. Referrers are looked up for a
     // target when any watch naming it asks for them.
-    let mut targets: HashMap<Reference, (Option<ManifestEvidence>, bool)> = HashMap::new();
+    let mut targets: HashMap<Reference, Target<'_>> = HashMap::new();
     for w in watches {
         let last = states.get(&w.name).and_then(|s| s.last.as_ref());
         let known_tag = last
@@ -84,21 +84,38 @@ pub async fn run_cycle(
             (w.reference.digest_only(), known_pin),
         ] {
             if let Some(t) = target {
-                let slot = targets.entry(t).or_insert((None, false));
-                if slot.0.is_none() {
-                    slot.0 = known.cloned();
+                let slot = targets.entry(t).or_insert(Target {
+                    known: None,
+                    referrers: false,
+                    watch: &w.name,
+                    watches: 0,
+                });
+                if slot.known.is_none() {
+                    slot.known = known.cloned();
                 }
-                slot.1 |= w.referrers || !w.require_referrers.is_empty();
+                slot.referrers |= w.referrers || !w.require_referrers.is_empty();
+                slot.watches += 1;
             }
         }
     }
 
     let mut prefetched = list_tags(registries, targets.keys()).await;
     let mut tasks = JoinSet::new();
-    for (target, (known, referrers)) in targets {
+    for (target, slot) in targets {
+        let Target {
+            known, referrers, ..
+        } = slot;
         let registries = registries.clone();
         let prefetch = prefetched.remove(&target).unwrap_or_default();
-        let span = tracing::debug_span!("resolve", image.ref = %target);
+        // One span per lookup, parent of its registry requests: a lookup shared by several
+        // watches is one check of them all (named after the first), and one span per watch
+        // on top would double the tracing cost of a cycle for no extra information.
+        let span = tracing::debug_span!(
+            "check_watch",
+            watch.name = slot.watch,
+            image.ref = %target,
+            driftwatch.watches = slot.watches,
+        );
         tasks.spawn(
             async move {
                 let started = std::time::Instant::now();
@@ -127,9 +144,6 @@ pub async fn run_cycle(
     let mut report = CycleReport::default();
     let mut records = Vec::with_capacity(watches.len());
     for w in watches {
-        let span =
-            tracing::debug_span!("check_watch", watch.name = %w.name, image.ref = %w.reference);
-        let _enter = span.enter();
         let outcome = assemble(w, &observed, now);
         let error = match &outcome {
             Outcome::Failed { reason } => {
@@ -214,6 +228,18 @@ pub async fn run_cycle(
         telemetry.emit_event(event);
     }
     Ok(report)
+}
+
+/// One distinct tag or digest to look up in a cycle, and what the watches naming it need.
+struct Target<'a> {
+    /// Stored evidence of this target, from any watch naming it.
+    known: Option<ManifestEvidence>,
+    /// Whether any watch naming it tracks referrers.
+    referrers: bool,
+    /// The first watch naming it, for the span.
+    watch: &'a str,
+    /// How many watches name it.
+    watches: usize,
 }
 
 /// ACR: where several tags of one repository are watched, one paged `/acr/v1` tag listing
