@@ -187,7 +187,8 @@ pub async fn run_cycle(
             };
             tracing::debug!(watch = %w.name, event.type = %envelope.kind, "event");
             report.events.push(envelope.clone());
-            let dedupe_key = alert::dedupe_key(&envelope);
+            let after = prev.last.as_ref().map(|l| l.time);
+            let dedupe_key = alert::dedupe_key(&envelope, after);
             events.push(StoredEvent {
                 envelope,
                 baseline: d.baseline,

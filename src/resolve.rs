@@ -50,7 +50,7 @@ pub async fn observe(
         *soft_delete = Some(
             client
                 .soft_delete(repo, target.digest(), target.tag())
-                .await,
+                .await?,
         );
     }
     if let (Observation::Present(e), true) = (&mut observation, referrers) {
@@ -146,7 +146,9 @@ async fn observe_acr(
             Some(k) => with_obtained_by(k, ObtainedBy::Metadata),
             None => match fetch_by_digest(client, target, digest).await? {
                 Observation::Present(e) => e,
-                Observation::Absent { .. } => return Ok(None),
+                Observation::Absent { code, .. } => {
+                    return Err(unpullable(client, target, digest, &code));
+                }
             },
         };
         e.attributes = Some(RegistryAttributes {
@@ -172,7 +174,9 @@ async fn observe_acr(
         None => {
             let mut e = match fetch_by_digest(client, target, &listed.digest).await? {
                 Observation::Present(e) => e,
-                Observation::Absent { .. } => return Ok(None),
+                Observation::Absent { code, .. } => {
+                    return Err(unpullable(client, target, &listed.digest, &code));
+                }
             };
             // The body is verified against the digest; which digest the tag names is what
             // the metadata API said.
@@ -196,6 +200,23 @@ async fn observe_acr(
         manifest,
     });
     Ok(Some(Observation::Present(e)))
+}
+
+/// The metadata API lists it, `/v2` says it is not there: a quarantined or read-locked
+/// manifest looks like this. Neither answer may move the watch's state.
+fn unpullable(
+    client: &RegistryClient,
+    target: &Reference,
+    digest: &crate::model::Digest,
+    code: &str,
+) -> RegistryError {
+    RegistryError::Inconsistent {
+        registry: client.registry().to_string(),
+        what: format!("{}@{digest}", target.repository()),
+        reason: format!(
+            "/acr/v1 lists it but /v2 answers 404 {code} (quarantined, or readEnabled=false?)"
+        ),
+    }
 }
 
 fn with_obtained_by(known: &ManifestEvidence, by: ObtainedBy) -> ManifestEvidence {
@@ -243,7 +264,7 @@ pub async fn referrers(
     let mut found = Vec::new();
     let mut validator = None;
     let mut api = false;
-    if !client.referrers_api_absent() {
+    if !client.referrers_api_absent(repo) {
         match client
             .referrers_api_if_changed(repo, subject, None, etag)
             .await?
@@ -253,7 +274,7 @@ pub async fn referrers(
                 (found, validator, api) = (known_from("api"), tag, true)
             }
             (ApiAnswer::NoRepository, _) => return Ok((Vec::new(), None)),
-            (ApiAnswer::Unsupported, _) => client.note_referrers_api_absent(),
+            (ApiAnswer::Unsupported, _) => client.note_referrers_api_absent(repo),
         }
     }
     let schema = schema_tag(subject);
@@ -367,7 +388,7 @@ pub async fn fetch_evidence(
         }
         Observation::Absent { soft_delete, .. } if client.is_acr() => {
             let tag = target.tag().filter(|_| target.digest().is_none());
-            *soft_delete = Some(client.soft_delete(repo, target.digest(), tag).await);
+            *soft_delete = Some(client.soft_delete(repo, target.digest(), tag).await?);
         }
         _ => {}
     }

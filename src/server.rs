@@ -304,6 +304,15 @@ async fn eventgrid_hook(State(s): State<ServerState>, request: Request) -> Respo
         return not_configured(HOOK);
     };
     let headers = request.headers().clone();
+    let announced = headers
+        .get(AEG_EVENT_TYPE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"SubscriptionValidation"));
+    // Only the announced handshake is read without the secret; anything else from a sender
+    // without it is refused before its body is parsed.
+    let authorized = authorized(&headers, secret);
+    if !announced && !authorized {
+        return unauthorized(HOOK);
+    }
     let body = match read_body(HOOK, request).await {
         Ok(b) => b,
         Err(refused) => return refused,
@@ -319,9 +328,6 @@ async fn eventgrid_hook(State(s): State<ServerState>, request: Request) -> Respo
         Ok(Delivery::Notices(notices)) => Ok(notices),
         Err(e) => Err(e),
     };
-    let announced = headers
-        .get(AEG_EVENT_TYPE)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"SubscriptionValidation"));
     if announced {
         let why = match parsed {
             Err(e) => e.to_string(),
@@ -333,7 +339,7 @@ async fn eventgrid_hook(State(s): State<ServerState>, request: Request) -> Respo
         return reject(HOOK, StatusCode::BAD_REQUEST, why);
     }
 
-    if !authorized(&headers, secret) {
+    if !authorized {
         return unauthorized(HOOK);
     }
     match parsed {

@@ -276,18 +276,24 @@ async fn refused_deliveries_and_handshakes_trigger_no_check() {
     let answer = oversized_post(d.port, "/v1/hooks/eventgrid", GRID_SECRET).await;
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
 
-    // The Event Grid validation handshakes need no secret, and trigger nothing.
+    // The Event Grid validation handshake needs no secret, and triggers nothing. Without the
+    // header that announces it, a body from a sender without the secret is not even read.
     let code = "512d38b6-c7b8-40c8-89fe-f46f9e9622b6";
     let validation = event_grid_subscription_validation(code).to_string();
-    for headers in [&[("aeg-event-type", "SubscriptionValidation")][..], &[]] {
+    let announced = [("aeg-event-type", "SubscriptionValidation")];
+    for (headers, secret) in [(&announced[..], None), (&[][..], Some(GRID_SECRET))] {
         let r = d
-            .post("/v1/hooks/eventgrid", None, headers, validation.clone())
+            .post("/v1/hooks/eventgrid", secret, headers, validation.clone())
             .await;
         assert_eq!(
             (r.status, &r.body),
             (200, &json!({"validationResponse": code}))
         );
     }
+    let r = d
+        .post("/v1/hooks/eventgrid", None, &[], validation.clone())
+        .await;
+    assert_eq!(r.status, 401, "{}", r.body);
     let r = d
         .post(
             "/v1/hooks/eventgrid",

@@ -77,11 +77,13 @@ fn accepts(sink: &Sink, envelope: &Envelope, kind: EventType, baselines: bool) -
 }
 
 /// The key under which a change reaches a sink at most once: watch, type, and the digests
-/// before and after. Where the digests do not say what changed (attributes and referrers
-/// of one digest), a fingerprint of the detail joins them, so that a second, different
-/// change of the same digest is still sent. Health events (`check.*`) carry no digests and
-/// are never folded.
-pub fn dedupe_key(envelope: &Envelope) -> Option<String> {
+/// before and after. A tag flapping between two digests is so reported once per direction.
+/// For the other changes the digests do not tell occurrences apart (a lock removed twice, a
+/// digest soft-deleted, restored and soft-deleted again), so the key also holds `after`, the
+/// time of the stored resolution the change was found against: two processes finding the
+/// same change against the same stored state still fold into one delivery, and a later
+/// recurrence is sent again. Health events (`check.*`) carry no digests and are never folded.
+pub fn dedupe_key(envelope: &Envelope, after: Option<DateTime<Utc>>) -> Option<String> {
     let d = &envelope.data;
     if d.previous.is_none() && d.current.is_none() {
         return None;
@@ -97,19 +99,13 @@ pub fn dedupe_key(envelope: &Envelope) -> Option<String> {
         digest(&d.previous),
         digest(&d.current)
     );
-    let same_digest = matches!(
+    let transition = matches!(
         EventType::parse(&envelope.kind),
-        Some(
-            EventType::AttributesChanged
-                | EventType::ReferrersLost
-                | EventType::ReferrersAdded
-                | EventType::ReferrersMissing
-        )
+        Some(EventType::TagMoved | EventType::TagDiverged | EventType::PlatformsChanged)
     );
-    if same_digest {
-        let fingerprint = crate::model::Digest::sha256_of(d.detail.to_string().as_bytes());
+    if !transition && let Some(after) = after {
         key.push('|');
-        key.push_str(&fingerprint.encoded()[..16]);
+        key.push_str(&after.to_rfc3339());
     }
     Some(key)
 }
@@ -546,6 +542,43 @@ pub fn test_event(sink: &Sink) -> Envelope {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn envelope(kind: EventType) -> Envelope {
+        let digest = crate::model::Digest::sha256_of(b"a");
+        let mut change = crate::event::Change::new(kind, "r.io/team/api:prod");
+        change.previous = Some(crate::event::StateSummary {
+            digest,
+            media_type: String::new(),
+            platforms: vec![],
+            referrers: vec![],
+        });
+        let labels = BTreeMap::new();
+        let ctx = crate::event::EnvelopeContext {
+            source: "driftwatch://test",
+            watch: "api",
+            registry: "r.io",
+            repository: "team/api",
+            tag: Some("prod"),
+            labels: &labels,
+            detected_by: crate::event::DetectedBy::Poll,
+            time: Utc::now(),
+        };
+        Envelope::new(change, &ctx)
+    }
+
+    #[test]
+    fn recurrences_of_a_change_get_their_own_dedupe_key_but_tag_flaps_do_not() {
+        let (t1, t2) = (Utc::now(), Utc::now() + chrono::Duration::seconds(60));
+        let lock = envelope(EventType::AttributesChanged);
+        assert_eq!(dedupe_key(&lock, Some(t1)), dedupe_key(&lock, Some(t1)));
+        assert_ne!(dedupe_key(&lock, Some(t1)), dedupe_key(&lock, Some(t2)));
+        let moved = envelope(EventType::TagMoved);
+        assert_eq!(dedupe_key(&moved, Some(t1)), dedupe_key(&moved, Some(t2)));
+        let health = envelope(EventType::CheckFailing);
+        let mut health = health;
+        health.data.previous = None;
+        assert_eq!(dedupe_key(&health, Some(t1)), None);
+    }
 
     #[test]
     fn backoff_doubles_up_to_the_cap() {

@@ -370,6 +370,14 @@ fn validate_registry(cx: &mut Ctx<'_>, host: &str, r: RawRegistry) -> Option<Reg
     let acr = r
         .acr
         .unwrap_or_else(|| is_acr_host(host) || matches!(auth, Auth::Entra(_)));
+    // An Entra token opens every registry the identity may use; it never travels in clear
+    // except to a registry on this machine (tests, a local proxy).
+    if matches!(auth, Auth::Entra(_)) && r.insecure == Some(true) && !is_loopback(host) {
+        cx.problem(
+            &at.clone().key("insecure"),
+            "plain HTTP cannot be used with an Entra identity (its token would travel in clear)",
+        );
+    }
     let settings = RegistrySettings {
         insecure: r.insecure.unwrap_or(false),
         ca_file,
@@ -622,6 +630,19 @@ pub(crate) fn is_acr_host(host: &str) -> bool {
         .any(|suffix| host.ends_with(suffix))
 }
 
+/// Whether `host` (`HOST[:PORT]`, or a bare host) is this machine.
+fn is_loopback(host: &str) -> bool {
+    let bare = match host.rsplit_once(':') {
+        Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) && !h.ends_with(':') => h,
+        _ => host,
+    };
+    let bare = bare.trim_start_matches('[').trim_end_matches(']');
+    bare == "localhost"
+        || bare
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// A key that may also come from an environment variable (the key wins).
 fn required(
     cx: &mut Ctx<'_>,
@@ -657,6 +678,17 @@ fn authority(
         .filter(|v| !v.trim().is_empty())
         .unwrap_or_else(|| DEFAULT_AUTHORITY_HOST.to_string());
     let url = http_url(cx, &at.clone().key("authority_host"), &text)?;
+    let host = url::Url::parse(&url)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_string))
+        .unwrap_or_default();
+    if url.starts_with("http://") && !is_loopback(&host) {
+        cx.problem(
+            &at.clone().key("authority_host"),
+            format!("{url:?}: the authority must be reached over https"),
+        );
+        return None;
+    }
     Some(format!("{}/", url.trim_end_matches('/')))
 }
 

@@ -198,6 +198,17 @@ fn remember_last_digest(cur: &mut Option<Observation>, prev: Option<&Observation
             Some(Observation::Absent { last_digest, .. }) => last_digest.clone(),
             None => None,
         };
+        // A listing that cannot be read now does not undo what an earlier one showed.
+        if let (
+            Some(SoftDelete::Unknown { .. }),
+            Some(Observation::Absent {
+                soft_delete: Some(was @ SoftDelete::SoftDeleted { .. }),
+                ..
+            }),
+        ) = (&soft_delete, prev)
+        {
+            *soft_delete = Some(was.clone());
+        }
         if let (
             Some(SoftDelete::SoftDeleted {
                 deleted_at,
@@ -229,7 +240,11 @@ fn same(a: &Option<Observation>, b: &Option<Observation>) -> bool {
         (
             Some(Observation::Absent { soft_delete: x, .. }),
             Some(Observation::Absent { soft_delete: y, .. }),
-        ) => x == y,
+        ) => match (x, y) {
+            // The reason's wording may vary between checks; the state is what is stored.
+            (Some(SoftDelete::Unknown { .. }), Some(SoftDelete::Unknown { .. })) => true,
+            _ => x == y,
+        },
         (None, None) => true,
         _ => false,
     }
@@ -334,15 +349,30 @@ fn pin_changes(
         Some(Observation::Absent { soft_delete, .. }) => soft_delete.as_ref(),
         _ => None,
     };
+    let due = |purge_at: &chrono::DateTime<chrono::Utc>| {
+        policy
+            .soft_delete_reminder
+            .is_some_and(|lead| now >= *purge_at - lead)
+    };
+    let was_soft_deleted = matches!(prev_soft, Some(SoftDelete::SoftDeleted { .. }));
     match (prev, cur) {
+        // Newly known to be restorable: from present, or from a deletion whose soft-delete
+        // state was unknown or not listed before.
         (
-            None | Some(Observation::Present(_)),
+            None | Some(Observation::Present(_)) | Some(Observation::Absent { .. }),
             Observation::Absent {
                 code,
                 soft_delete: Some(soft @ SoftDelete::SoftDeleted { .. }),
                 ..
             },
-        ) => {
+        ) if !was_soft_deleted => {
+            // Within the reminder's lead time already: this event is the reminder too.
+            if let SoftDelete::SoftDeleted {
+                purge_at, reminded, ..
+            } = soft
+            {
+                *reminded = due(purge_at);
+            }
             let mut c = change(EventType::DigestSoftDeleted, subject, prev_evidence, None);
             c.detail = soft_delete_detail(soft, code, &lost, false);
             out.push(c);
@@ -366,10 +396,10 @@ fn pin_changes(
             Some(Observation::Absent { .. }),
             Observation::Absent {
                 code,
-                soft_delete: Some(soft @ (SoftDelete::NotListed | SoftDelete::Unknown { .. })),
+                soft_delete: Some(soft @ SoftDelete::NotListed),
                 ..
             },
-        ) if matches!(prev_soft, Some(SoftDelete::SoftDeleted { .. })) => {
+        ) if was_soft_deleted => {
             let mut c = change(EventType::DigestDeleted, subject, None, None);
             c.detail = json!({
                 "code": code,
@@ -393,10 +423,7 @@ fn pin_changes(
             else {
                 return;
             };
-            let due = policy
-                .soft_delete_reminder
-                .is_some_and(|lead| now >= *purge_at - lead);
-            if due && !*reminded {
+            if due(purge_at) && !*reminded {
                 *reminded = true;
                 let mut c = change(EventType::DigestSoftDeleted, subject, None, None);
                 c.detail = soft_delete_detail(soft, code, &[], true);

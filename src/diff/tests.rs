@@ -547,6 +547,18 @@ fn soft_delete_transitions_of_a_pinned_digest() {
         ),
         ("still unknown", Some(unknown()), unknown(), &[]),
         (
+            "unreadable listing after a soft delete",
+            Some(soft_deleted(1)),
+            unknown(),
+            &[],
+        ),
+        (
+            "known restorable later",
+            Some(unknown()),
+            soft_deleted(1),
+            &["digest.soft_deleted"],
+        ),
+        (
             "within a day of the purge",
             Some(soft_deleted(6)),
             soft_deleted(6),
@@ -682,4 +694,44 @@ fn attribute_changes_and_their_severity() {
     // Attributes missing on one side (no metadata_read any more) are not a change.
     let d = run(a(locked(true, None), locked(true, None)), image('a'));
     assert!(d.changes.is_empty());
+}
+
+#[test]
+fn an_unreadable_listing_keeps_what_an_earlier_one_showed() {
+    let prev = state(Some(res(None, Some(soft_deleted(1)))));
+    let unknown = gone(SoftDelete::Unknown {
+        reason: "no deleted_read".into(),
+    });
+    let d = diff(
+        &pin_policy(),
+        &prev,
+        Outcome::Resolved(res(None, Some(unknown))),
+    );
+    assert!(d.changes.is_empty());
+    assert!(!d.resolution_changed);
+    let kept = d.next.last.unwrap().pinned.unwrap();
+    assert!(matches!(
+        kept,
+        Observation::Absent {
+            soft_delete: Some(SoftDelete::SoftDeleted { .. }),
+            ..
+        }
+    ));
+}
+
+#[test]
+fn a_deletion_first_seen_close_to_the_purge_is_not_reminded_again() {
+    let prev = state(Some(res(None, Some(image('a')))));
+    let first = diff(
+        &pin_policy(),
+        &prev,
+        Outcome::Resolved(res(None, Some(soft_deleted(6)))),
+    );
+    assert_eq!(kinds(&first), ["digest.soft_deleted"]);
+    let again = diff(
+        &pin_policy(),
+        &first.next,
+        Outcome::Resolved(res(None, Some(soft_deleted(6)))),
+    );
+    assert!(again.changes.is_empty(), "{:?}", kinds(&again));
 }

@@ -15,6 +15,8 @@ const MAX_PAGES: usize = 50;
 const PAGE_SIZE: usize = 100;
 /// Body cap of one page.
 const MAX_PAGE_BYTES: usize = 4 * 1024 * 1024;
+/// How long a repository whose metadata API refused us goes the generic way.
+pub const RECHECK_METADATA: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// What the metadata API said.
 #[derive(Debug)]
@@ -159,24 +161,28 @@ impl RegistryClient {
         self.acr
     }
 
-    /// Whether `/acr/v1` is worth asking for `repository`: an ACR, and it has not refused.
+    /// Whether `/acr/v1` is worth asking for `repository`: an ACR, and it has not refused
+    /// within the last [`RECHECK_METADATA`].
     pub fn metadata_usable(&self, repository: &str) -> bool {
         self.acr
-            && !self
+            && self
                 .metadata_unavailable
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .contains(repository)
+                .get(repository)
+                .is_none_or(|at| at.elapsed() >= RECHECK_METADATA)
     }
 
     /// Records that `/acr/v1` refused us for `repository`, warning once: its checks go the
-    /// generic way from now on (until the config is reloaded).
+    /// generic way for [`RECHECK_METADATA`], then the API is tried again (a permission may
+    /// have been granted meanwhile).
     pub fn metadata_refused(&self, repository: &str, reason: &str) {
         let first = self
             .metadata_unavailable
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(repository.to_string());
+            .insert(repository.to_string(), std::time::Instant::now())
+            .is_none();
         if first {
             tracing::warn!(
                 registry = %self.registry,
@@ -291,72 +297,73 @@ impl RegistryClient {
     }
 
     /// What the soft-delete listing says about `digest` in `repository`, or about `tag`
-    /// when one is given. Never fails: trouble reading the listing is an unknown state.
+    /// when one is given. A listing that cannot be read for lack of permission, or that does
+    /// not exist, is an unknown state; other trouble (throttling, 5xx) fails, like any
+    /// other lookup, so that it is never mistaken for a purge.
     pub async fn soft_delete(
         &self,
         repository: &str,
         digest: Option<&Digest>,
         tag: Option<&str>,
-    ) -> SoftDelete {
+    ) -> Result<SoftDelete, RegistryError> {
         let kind = if tag.is_some() { "_tags" } else { "_manifests" };
         let what = format!("soft-deleted {} of {repository}", &kind[1..]);
         let mut path = format!("/acr/v1/_deleted/{repository}/{kind}?n={PAGE_SIZE}");
-        let mut found: Option<DeletedEntry> = None;
+        let mut found: Option<(DateTime<Utc>, DeletedEntry)> = None;
+        let mut complete = false;
         for _ in 0..MAX_PAGES {
-            let page = match self
+            let (body, next) = match self
                 .metadata_page(&path, repository, "deleted_read", &what)
-                .await
+                .await?
             {
-                Ok(Metadata::Found(p)) => p,
-                Ok(Metadata::NotFound) => {
-                    return SoftDelete::Unknown {
+                Metadata::Found(p) => p,
+                Metadata::NotFound => {
+                    return Ok(SoftDelete::Unknown {
                         reason: "the registry has no soft-delete listing (soft delete is not \
                                  available on geo-replicated registries)"
                             .to_string(),
-                    };
+                    });
                 }
-                Ok(Metadata::Unavailable(reason)) => return SoftDelete::Unknown { reason },
-                Err(e) => {
-                    return SoftDelete::Unknown {
-                        reason: crate::cycle::error_chain(&e),
-                    };
-                }
+                Metadata::Unavailable(reason) => return Ok(SoftDelete::Unknown { reason }),
             };
-            let (body, next) = page;
-            let list: DeletedPage = match serde_json::from_slice(&body) {
-                Ok(l) => l,
-                Err(e) => {
-                    return SoftDelete::Unknown {
-                        reason: format!("{what}: not a soft-delete listing: {e}"),
-                    };
-                }
-            };
+            let list: DeletedPage = serde_json::from_slice(&body)
+                .map_err(|e| self.malformed(&what, format!("not a soft-delete listing: {e}")))?;
             // azure-cli's production code reads tags under "tags"; its mock under
-            // "manifests". Both are accepted. The last match is the most recent deletion.
+            // "manifests". Both are accepted. A tag deleted more than once has several
+            // entries: the latest deletion is the one that counts.
             for entry in list.manifests.into_iter().chain(list.tags) {
                 let matches = match tag {
                     Some(t) => entry.tag.as_deref() == Some(t),
                     None => entry.digest.as_ref() == digest,
                 };
-                if matches {
-                    found = Some(entry);
+                if !matches {
+                    continue;
+                }
+                let at = DateTime::parse_from_rfc3339(&entry.deleted_at)
+                    .map_err(|e| {
+                        self.malformed(&what, format!("deletedAt {:?}: {e}", entry.deleted_at))
+                    })?
+                    .with_timezone(&Utc);
+                if found.as_ref().is_none_or(|(latest, _)| at >= *latest) {
+                    found = Some((at, entry));
                 }
             }
             match next {
                 Some(p) => path = p,
-                None => break,
+                None => {
+                    complete = true;
+                    break;
+                }
             }
         }
-        let Some(entry) = found else {
-            return SoftDelete::NotListed;
-        };
-        let deleted_at = match DateTime::parse_from_rfc3339(&entry.deleted_at) {
-            Ok(t) => t.with_timezone(&Utc),
-            Err(e) => {
-                return SoftDelete::Unknown {
-                    reason: format!("{what}: deletedAt {:?}: {e}", entry.deleted_at),
-                };
-            }
+        let Some((deleted_at, entry)) = found else {
+            return Ok(if complete {
+                SoftDelete::NotListed
+            } else {
+                SoftDelete::Unknown {
+                    reason: format!("{what}: the listing was cut at {MAX_PAGES} pages"),
+                }
+            });
         };
         let digest = entry.digest.or_else(|| digest.cloned());
         let name = registry_name(&self.registry);
@@ -367,14 +374,14 @@ impl RegistryClient {
             }
             None => format!("az acr manifest restore -r {name} -n {repository}:{tag_part}"),
         };
-        SoftDelete::SoftDeleted {
+        Ok(SoftDelete::SoftDeleted {
             deleted_at,
             purge_at: deleted_at + chrono::Duration::days(i64::from(self.retention_days)),
             retention_days: self.retention_days,
             digest: if tag.is_some() { digest } else { None },
             restore_command,
             reminded: false,
-        }
+        })
     }
 
     async fn metadata_get(

@@ -8,6 +8,9 @@ use base64::Engine as _;
 use secrecy::SecretString;
 use serde::Deserialize;
 
+/// Longest lifetime a token is kept for, whatever its answer says.
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
 /// Lifetime assumed for a token whose answer states none (the token spec's default).
 pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
 
@@ -137,6 +140,8 @@ pub fn parse_token_answer(body: &[u8], now: Instant) -> Result<Token, String> {
 /// A token valid for `lifetime` from `now`, to be refreshed a little before it expires so
 /// that a request never leaves with a token about to expire.
 pub fn token_for(value: String, lifetime: Duration, now: Instant) -> Token {
+    // A token service that claims a lifetime beyond a day is not believed.
+    let lifetime = lifetime.min(MAX_TOKEN_LIFETIME);
     let margin = (lifetime / 10).min(Duration::from_secs(30));
     Token {
         value: SecretString::from(value),

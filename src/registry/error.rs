@@ -88,6 +88,16 @@ pub enum RegistryError {
         /// What was wrong.
         reason: String,
     },
+    /// Two of the registry's own APIs disagree, so neither answer is authoritative.
+    #[error("registry {registry} contradicts itself about {what}: {reason}")]
+    Inconsistent {
+        /// `HOST[:PORT]`.
+        registry: String,
+        /// The item.
+        what: String,
+        /// How.
+        reason: String,
+    },
     /// The token endpoint failed.
     #[error("token request to {realm} failed: {reason}")]
     Token {
@@ -121,7 +131,7 @@ impl RegistryError {
         match self {
             RegistryError::Transport { .. } | RegistryError::RateLimited { .. } => true,
             RegistryError::Status { status, .. } => *status >= 500 || *status == 408,
-            RegistryError::Token { .. } => true,
+            RegistryError::Token { .. } | RegistryError::Inconsistent { .. } => true,
             RegistryError::Unauthorized { .. }
             | RegistryError::Denied { .. }
             | RegistryError::DigestMismatch { .. }
@@ -143,6 +153,7 @@ impl RegistryError {
             RegistryError::TooLarge { .. } => "too_large",
             RegistryError::Malformed { .. } => "malformed",
             RegistryError::Token { .. } => "token",
+            RegistryError::Inconsistent { .. } => "inconsistent",
             RegistryError::Setup { .. } => "setup",
         }
     }

@@ -9,7 +9,7 @@ pub mod error;
 pub mod manifest;
 pub mod referrers;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -148,12 +148,13 @@ pub struct RegistryClient {
     acr: bool,
     /// ACR soft-delete retention, for purge-time estimates.
     retention_days: u32,
-    /// ACR repositories whose metadata API refused us; they use the generic path.
-    metadata_unavailable: Mutex<HashSet<String>>,
+    /// ACR repositories whose metadata API refused us, and when; they use the generic path
+    /// for a while.
+    metadata_unavailable: Mutex<HashMap<String, Instant>>,
     /// ACR repositories whose last tag listing took this many pages.
     listing_pages: Mutex<HashMap<String, usize>>,
-    /// When the registry last said it has no referrers API.
-    no_referrers_api: Mutex<Option<Instant>>,
+    /// When each repository last answered that it has no referrers API.
+    no_referrers_api: Mutex<HashMap<String, Instant>>,
     /// When each (repository, subject) was last listed for cosign tags.
     cosign_listed: Mutex<HashMap<(String, Digest), Instant>>,
     /// Serialises token fetches so a burst of checks asks for each scope once.
@@ -184,7 +185,7 @@ impl RegistryClient {
             .timeout(timeout)
             .connect_timeout(CONNECT_TIMEOUT)
             .pool_max_idle_per_host(concurrency)
-            .redirect(reqwest::redirect::Policy::limited(5));
+            .redirect(redirect_policy());
         if let Some(ca) = &settings.ca_file {
             let pem = std::fs::read(ca).map_err(|e| setup(format!("{}: {e}", ca.display())))?;
             let certs = reqwest::Certificate::from_pem_bundle(&pem)
@@ -224,9 +225,9 @@ impl RegistryClient {
             entra,
             acr: settings.acr,
             retention_days: settings.soft_delete_retention_days,
-            metadata_unavailable: Mutex::new(HashSet::new()),
+            metadata_unavailable: Mutex::new(HashMap::new()),
             listing_pages: Mutex::new(HashMap::new()),
-            no_referrers_api: Mutex::new(None),
+            no_referrers_api: Mutex::new(HashMap::new()),
             cosign_listed: Mutex::new(HashMap::new()),
             token_fetch: tokio::sync::Mutex::new(()),
             limit: Arc::new(Semaphore::new(concurrency.max(1))),
@@ -551,17 +552,13 @@ impl RegistryClient {
                     let Some(challenge) = header else {
                         return Err(self.unauthorized(what, &authorization));
                     };
-                    // A token the registry no longer accepts must not be offered again, nor
-                    // what it was obtained with: a revoked refresh token is not retried.
+                    // A token the registry no longer accepts must not be offered again. (On
+                    // ACR a 401 also means a token without the action asked for; the refresh
+                    // token it came from stays good.)
                     self.tokens
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .remove(&scope);
-                    if authorization.is_some()
-                        && let Some(entra) = &self.entra
-                    {
-                        entra.forget();
-                    }
                     *self.challenge.lock().unwrap_or_else(|e| e.into_inner()) = Some(challenge);
                     attempt -= 1;
                 }
@@ -702,6 +699,23 @@ impl RegistryClient {
     }
 }
 
+/// Up to 5 redirects, but none to another origin that would resend a body (307 and 308
+/// keep the method and body, and a token service's form carries tokens).
+fn redirect_policy() -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(|attempt| {
+        let resends_body = matches!(attempt.status().as_u16(), 307 | 308);
+        let first = attempt.previous().first();
+        let cross_origin = first.is_some_and(|f| f.origin() != attempt.url().origin());
+        if attempt.previous().len() >= 5 {
+            attempt.error("too many redirects")
+        } else if resends_body && cross_origin {
+            attempt.stop()
+        } else {
+            attempt.follow()
+        }
+    })
+}
+
 /// Entra credentials and the tokens obtained with them.
 struct EntraState {
     credential: EntraCredential,
@@ -737,7 +751,8 @@ impl RegistryClient {
     /// ACR's token chain for an Entra identity: an Entra token for ACR's audience, traded at
     /// `/oauth2/exchange` for an ACR refresh token, traded at the realm for an access token
     /// per scope. Each is kept until shortly before its own expiry (ACR's answers carry no
-    /// `expires_in`; their JWT `exp` says it).
+    /// `expires_in`; their JWT `exp` says it). A refresh or Entra token the token service
+    /// rejects is dropped and the chain started again once.
     async fn acr_token(
         &self,
         entra: &EntraState,
@@ -745,63 +760,93 @@ impl RegistryClient {
         service: Option<&str>,
         scope: &str,
     ) -> Result<Token, RegistryError> {
+        // The Entra token opens every registry the identity may use: it goes only to the
+        // registry's own token service, whatever realm a challenge names.
+        if !same_origin(realm, &self.base) {
+            return Err(RegistryError::Token {
+                realm: realm.to_string(),
+                reason: format!(
+                    "the challenge names a token service outside {}; an Entra token is only \
+                     sent to the registry itself",
+                    self.base
+                ),
+            });
+        }
         let service = service.unwrap_or(&self.registry);
-        let refresh = match valid(&entra.refresh_token) {
-            Some(t) => t,
-            None => {
-                let access = match valid(&entra.entra_token) {
-                    Some(t) => t,
-                    None => {
-                        let token =
-                            entra::token(&entra.http, &entra.credential)
+        let exchange = format!("{}/oauth2/exchange", self.base);
+        let mut retried = false;
+        loop {
+            let refresh = match valid(&entra.refresh_token) {
+                Some(t) => t,
+                None => {
+                    let access = match valid(&entra.entra_token) {
+                        Some(t) => t,
+                        None => {
+                            let token = entra::token(&entra.http, &entra.credential)
                                 .await
                                 .map_err(|e| RegistryError::Token {
                                     realm: e.endpoint,
                                     reason: format!("Entra ID: {}", e.reason),
                                 })?;
-                        crate::telemetry::metrics().token_refresh(&self.registry);
-                        let value = token.value.clone();
-                        *entra.entra_token.lock().unwrap_or_else(|e| e.into_inner()) = Some(token);
-                        value
+                            crate::telemetry::metrics().token_refresh(&self.registry);
+                            let value = token.value.clone();
+                            *entra.entra_token.lock().unwrap_or_else(|e| e.into_inner()) =
+                                Some(token);
+                            value
+                        }
+                    };
+                    let mut form = vec![
+                        ("grant_type", "access_token"),
+                        ("service", service),
+                        ("access_token", access.expose_secret()),
+                    ];
+                    if let Some(tenant) = entra.tenant() {
+                        form.push(("tenant", tenant));
                     }
-                };
-                let exchange = realm
-                    .strip_suffix("/oauth2/token")
-                    .map(|base| format!("{base}/oauth2/exchange"))
-                    .unwrap_or_else(|| format!("{}/oauth2/exchange", self.base));
-                let mut form = vec![
-                    ("grant_type", "access_token"),
-                    ("service", service),
-                    ("access_token", access.expose_secret()),
-                ];
-                if let Some(tenant) = entra.tenant() {
-                    form.push(("tenant", tenant));
+                    match self.token_post(&exchange, &form).await {
+                        Ok(token) => {
+                            let value = token.value.clone();
+                            *entra
+                                .refresh_token
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner()) = Some(token);
+                            value
+                        }
+                        Err(TokenPostError::Rejected(e)) if !retried => {
+                            tracing::debug!(cause = %e, "Entra token rejected; logging in again");
+                            entra.forget();
+                            retried = true;
+                            continue;
+                        }
+                        Err(TokenPostError::Rejected(e) | TokenPostError::Failed(e)) => {
+                            return Err(e);
+                        }
+                    }
                 }
-                let token = self.token_post(&exchange, &form, scope).await?;
-                let value = token.value.clone();
-                *entra
-                    .refresh_token
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner()) = Some(token);
-                value
+            };
+            let form = [
+                ("grant_type", "refresh_token"),
+                ("service", service),
+                ("scope", scope),
+                ("refresh_token", refresh.expose_secret()),
+            ];
+            match self.token_post(realm, &form).await {
+                Ok(token) => return Ok(token),
+                Err(TokenPostError::Rejected(e)) if !retried => {
+                    tracing::debug!(cause = %e, "ACR refresh token rejected; exchanging again");
+                    *entra
+                        .refresh_token
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner()) = None;
+                    retried = true;
+                }
+                Err(TokenPostError::Rejected(e) | TokenPostError::Failed(e)) => return Err(e),
             }
-        };
-        let form = [
-            ("grant_type", "refresh_token"),
-            ("service", service),
-            ("scope", scope),
-            ("refresh_token", refresh.expose_secret()),
-        ];
-        self.token_post(realm, &form, scope).await
+        }
     }
 
     /// A form POST to ACR's token service, read as a token answer.
-    async fn token_post(
-        &self,
-        url: &str,
-        form: &[(&str, &str)],
-        scope: &str,
-    ) -> Result<Token, RegistryError> {
+    async fn token_post(&self, url: &str, form: &[(&str, &str)]) -> Result<Token, TokenPostError> {
         let token_error = |reason: String| RegistryError::Token {
             realm: url.to_string(),
             reason,
@@ -814,28 +859,44 @@ impl RegistryClient {
             "POST",
             sent.as_ref().ok().map(|r| r.status().as_u16()),
         );
-        let resp = sent.map_err(|e| token_error(crate::cycle::error_chain(&e)))?;
+        let resp =
+            sent.map_err(|e| TokenPostError::Failed(token_error(crate::cycle::error_chain(&e))))?;
         let status = resp.status();
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-            return Err(RegistryError::Unauthorized {
-                registry: self.registry.clone(),
-                what: format!("token for {scope}"),
-                detail: format!(
-                    "{url} answered {} (is the identity granted access to this registry?)",
-                    status.as_u16()
-                ),
-            });
+            return Err(TokenPostError::Rejected(token_error(format!(
+                "status {}: the token service refused the identity (is it granted access to \
+                 this registry, e.g. the AcrPull role?)",
+                status.as_u16()
+            ))));
         }
         if !status.is_success() {
-            return Err(token_error(format!("status {}", status.as_u16())));
+            return Err(TokenPostError::Failed(token_error(format!(
+                "status {}",
+                status.as_u16()
+            ))));
         }
-        let body = read_capped(resp, 1024 * 1024)
-            .await
-            .map_err(|_| token_error("unreadable or oversized answer".to_string()))?;
-        let token = auth::parse_token_answer(&body, Instant::now()).map_err(token_error)?;
+        let body = read_capped(resp, 1024 * 1024).await.map_err(|_| {
+            TokenPostError::Failed(token_error("unreadable or oversized answer".to_string()))
+        })?;
+        let token = auth::parse_token_answer(&body, Instant::now())
+            .map_err(|reason| TokenPostError::Failed(token_error(reason)))?;
         metrics.token_refresh(&self.registry);
         Ok(token)
     }
+}
+
+/// How a POST to ACR's token service failed.
+enum TokenPostError {
+    /// 401 or 403: what was offered (an Entra or refresh token) is not accepted.
+    Rejected(RegistryError),
+    /// Anything else.
+    Failed(RegistryError),
+}
+
+/// Whether `url` is on the origin `base` (`scheme://host[:port]`).
+fn same_origin(url: &str, base: &str) -> bool {
+    url.strip_prefix(base)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
 fn manifest_path(repository: &str, reference: &str) -> String {

@@ -227,21 +227,24 @@ impl RegistryClient {
         Ok((ApiAnswer::Supported(out), None))
     }
 
-    /// Whether this registry recently answered that it has no referrers API, so that the
-    /// tag schema is used without asking again (for an hour).
-    pub fn referrers_api_absent(&self) -> bool {
+    /// Whether `repository` recently answered that it has no referrers API, so that the tag
+    /// schema is used without asking again (for an hour).
+    pub fn referrers_api_absent(&self, repository: &str) -> bool {
         self.no_referrers_api
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+            .get(repository)
             .is_some_and(|since| since.elapsed() < RECHECK_API)
     }
 
-    /// Records that the registry has no referrers API.
-    pub fn note_referrers_api_absent(&self) {
-        *self
+    /// Records that `repository` has no referrers API.
+    pub fn note_referrers_api_absent(&self, repository: &str) {
+        let mut absent = self
             .no_referrers_api
             .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
+            .unwrap_or_else(|e| e.into_inner());
+        absent.retain(|_, since| since.elapsed() < RECHECK_API);
+        absent.insert(repository.to_string(), std::time::Instant::now());
     }
 
     /// Whether `repository`'s tags were listed for cosign tags of `subject` within the last
