@@ -539,10 +539,21 @@ async fn verify(
         }
     }
     if let Some(d) = r.digest_only() {
-        if let Observation::Absent { code, .. } =
-            resolve::observe(&registries, &d, None, false, Default::default()).await?
+        if let Observation::Absent {
+            code, soft_delete, ..
+        } = resolve::observe(&registries, &d, None, false, Default::default()).await?
         {
             println!("does not hold: {d} does not exist ({code})");
+            if let Some(crate::model::SoftDelete::SoftDeleted {
+                purge_at,
+                restore_command,
+                ..
+            }) = soft_delete
+            {
+                println!(
+                    "  it is soft-deleted, restorable until about {purge_at}: {restore_command}"
+                );
+            }
             return Ok(EXIT_DRIFT);
         }
         match &resolved {

@@ -496,6 +496,20 @@ async fn a_soft_deleted_digest_that_is_restored_is_reported_back() {
     assert_eq!(out.status.code(), Some(4), "not found");
     assert_eq!(json["soft_deleted"]["state"], "soft_deleted");
 
+    // A pipeline gate says so too.
+    let verify = dir.run(
+        &[
+            "verify",
+            &format!("{}/{REPO}@{digest}", acr.host()),
+            "--config",
+            "driftwatch.toml",
+        ],
+        &[(SECRET_VAR, SP_CLIENT_SECRET)],
+    );
+    assert_eq!(verify.status.code(), Some(3));
+    let said = String::from_utf8_lossy(&verify.stdout);
+    assert!(said.contains("soft-deleted, restorable until"), "{said}");
+
     acr.restore(REPO, &digest, "prod");
     let back = check(&dir);
     assert_eq!(types(&back), ["driftwatch.digest.restored"]);
