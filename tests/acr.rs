@@ -7,7 +7,6 @@
 mod support;
 
 use std::process::Output;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -18,27 +17,11 @@ use support::acr::{
     MI_CLIENT_ID, SP_CLIENT_ID, SP_CLIENT_SECRET, TENANT_ID, TokenFlow, WORKLOAD_CLIENT_ID,
     federated_token, jwt_claims,
 };
+use support::cli::{event_types as types, json_lines as events};
+use support::cycles::Cycles;
 
 const REPO: &str = "team/api";
 const SECRET_VAR: &str = "DW_TEST_SP_SECRET";
-
-fn events(out: &Output) -> Vec<Value> {
-    assert!(
-        out.status.success(),
-        "check failed: {}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout.clone())
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
-        .collect()
-}
-
-fn types(events: &[Value]) -> Vec<&str> {
-    events.iter().map(|e| e["type"].as_str().unwrap()).collect()
-}
 
 /// A config for the double with `auth` as the registry's auth table body.
 fn config(acr: &AcrDouble, auth: &str, extra_registry: &str, watches: &str) -> String {
@@ -558,9 +541,6 @@ async fn an_untagged_tag_is_deleted_with_its_soft_delete_entry() {
 
 #[tokio::test]
 async fn two_hundred_watched_tags_of_one_repository_cost_two_requests_a_cycle() {
-    use driftwatch::config::Config;
-    use driftwatch::cycle::{CycleOptions, run_cycle};
-    use driftwatch::event::DetectedBy;
     use driftwatch::model::{Observation, ObtainedBy};
 
     let acr = AcrDouble::start().await;
@@ -582,30 +562,13 @@ async fn two_hundred_watched_tags_of_one_repository_cost_two_requests_a_cycle() 
         "DW_ADMIN_PASSWORD".to_string(),
         support::acr::ADMIN_PASSWORD.to_string(),
     )];
-    let config = Config::load_with_env(&path, &env).unwrap();
-    let registries = Arc::new(driftwatch::registry::Registries::new(
-        config.registries.clone(),
-        config.daemon.concurrency,
-        config.daemon.request_timeout,
-    ));
-    let store = driftwatch::store::Store::open(&dir.path().join("state.db"))
-        .await
-        .unwrap();
-    let watches: Vec<_> = config.watches.iter().map(|w| w.as_ref()).collect();
-    let options = CycleOptions {
-        route_alerts: false,
-        detected_by: DetectedBy::Poll,
-    };
-    let baseline = run_cycle(&config, &registries, &store, &watches, options)
-        .await
-        .unwrap();
+    let cycles = Cycles::open(&path, &env).await;
+    let (baseline, _) = cycles.run().await;
     assert_eq!(baseline.events.len(), 200);
     assert!(baseline.watches.iter().all(|w| w.error.is_none()));
 
     let since = Instant::now();
-    let steady = run_cycle(&config, &registries, &store, &watches, options)
-        .await
-        .unwrap();
+    let (steady, _) = cycles.run().await;
     assert!(steady.events.is_empty());
     let sent: Vec<String> = acr
         .requests()
@@ -621,16 +584,14 @@ async fn two_hundred_watched_tags_of_one_repository_cost_two_requests_a_cycle() 
 
     // A tag that moves is found through the listing too, and its evidence says so.
     let (moved, _) = acr.push_image(REPO, "tag-123", "b");
-    let third = run_cycle(&config, &registries, &store, &watches, options)
-        .await
-        .unwrap();
+    let (third, _) = cycles.run().await;
     assert_eq!(third.events.len(), 1);
     assert_eq!(third.events[0].kind, "driftwatch.tag.moved");
     let key = (
         "tag-123".to_string(),
         format!("{}/{REPO}:tag-123", acr.host()),
     );
-    let states = store.load_states(vec![key]).await.unwrap();
+    let states = cycles.store.load_states(vec![key]).await.unwrap();
     let last = states["tag-123"].last.as_ref().unwrap();
     let Some(Observation::Present(e)) = &last.tag else {
         panic!("{last:?}")

@@ -7,21 +7,8 @@ mod support;
 use std::process::Output;
 
 use serde_json::Value;
+use support::cli::json_lines as events;
 use support::{Registry, TestDir};
-
-fn events(out: &Output) -> Vec<Value> {
-    assert!(
-        out.status.success(),
-        "check failed: {}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout.clone())
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
-        .collect()
-}
 
 fn types(events: &[Value]) -> Vec<String> {
     events

@@ -7,21 +7,9 @@ use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use support::process::until;
 use support::registry::free_port;
 use support::{DriftwatchProcess, Registry, TestDir};
-
-/// Polls `probe` every 50 ms until it returns `Some`, for at most `limit`; the daemon's own
-/// progress is what the tests wait for, never a fixed sleep.
-async fn until<T>(limit: Duration, what: &str, mut probe: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = probe().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 struct Daemon {
     dir: TestDir,

@@ -12,6 +12,7 @@ use support::acr::{
     HookImage, acr_webhook_push, cloud_event_image_pushed, event_grid_image_pushed,
     event_grid_subscription_validation,
 };
+use support::process::until;
 use support::registry::free_port;
 use support::{PushedManifest, Receiver, Registry, TestDir};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -21,19 +22,6 @@ const GRID_SECRET: &str = "event-grid-secret-9876543210";
 /// A schedule that does not fire during a test (midnight on January 1st): every check here
 /// is one a hook asked for.
 const NEVER: &str = "0 0 0 1 1 *";
-
-/// Polls `probe` every 50 ms until it returns `Some`, for at most `limit`; the daemon's own
-/// progress is what the tests wait for, never a fixed sleep.
-async fn until<T>(limit: Duration, what: &str, mut probe: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = probe().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 fn config(port: u16, registry: &Registry, sink: Option<&Receiver>, hooks: &str) -> String {
     let host = registry.host();

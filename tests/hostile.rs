@@ -34,16 +34,13 @@ fn pinned(fake: &FakeRegistry, digest: &str) -> Reference {
     Reference::parse(&format!("{}/team/api@{digest}", fake.host())).unwrap()
 }
 
+/// A plain lookup: no stored evidence, no referrers, no ACR listing.
+async fn look(regs: &Registries, r: &Reference) -> Result<Observation, RegistryError> {
+    observe(regs, r, None, false, Default::default()).await
+}
+
 async fn fails(fake: &FakeRegistry, r: &Reference) -> RegistryError {
-    match observe(
-        &registries(fake, Auth::Anonymous),
-        r,
-        None,
-        false,
-        Default::default(),
-    )
-    .await
-    {
+    match look(&registries(fake, Auth::Anonymous), r).await {
         Err(e) => e,
         Ok(o) => panic!("expected a failure, got {o:?}"),
     }
@@ -123,15 +120,9 @@ async fn server_errors_are_retried_within_a_bound() {
         &sha256_digest(&sample_manifest("a")),
         Behavior::serve_manifest("a"),
     );
-    let o = observe(
-        &registries(&fake, Auth::Anonymous),
-        &tag(&fake, "flaky"),
-        None,
-        false,
-        Default::default(),
-    )
-    .await
-    .unwrap();
+    let o = look(&registries(&fake, Auth::Anonymous), &tag(&fake, "flaky"))
+        .await
+        .unwrap();
     assert!(matches!(o, Observation::Present(_)));
 
     fake.set("down", Behavior::status(500, ""));
@@ -154,15 +145,9 @@ async fn retry_after_is_honoured() {
             Behavior::serve_manifest("a"),
         ]),
     );
-    observe(
-        &registries(&fake, Auth::Anonymous),
-        &tag(&fake, "slow"),
-        None,
-        false,
-        Default::default(),
-    )
-    .await
-    .unwrap();
+    look(&registries(&fake, Auth::Anonymous), &tag(&fake, "slow"))
+        .await
+        .unwrap();
     let heads: Vec<_> = fake
         .requests()
         .into_iter()
@@ -185,15 +170,9 @@ async fn retry_after_is_honoured() {
 async fn not_found_is_authoritative_only_with_a_registry_error_code() {
     let fake = FakeRegistry::start().await;
     fake.set("gone", Behavior::manifest_unknown());
-    let o = observe(
-        &registries(&fake, Auth::Anonymous),
-        &tag(&fake, "gone"),
-        None,
-        false,
-        Default::default(),
-    )
-    .await
-    .unwrap();
+    let o = look(&registries(&fake, Auth::Anonymous), &tag(&fake, "gone"))
+        .await
+        .unwrap();
     assert!(matches!(o, Observation::Absent { ref code, .. } if code == "MANIFEST_UNKNOWN"));
 
     fake.set("proxy", Behavior::not_found_empty());
@@ -230,9 +209,7 @@ async fn an_unchanged_tag_costs_one_head() {
     let fake = FakeRegistry::start().await;
     fake.set("prod", Behavior::serve_manifest("a"));
     let regs = registries(&fake, Auth::Anonymous);
-    let first = observe(&regs, &tag(&fake, "prod"), None, false, Default::default())
-        .await
-        .unwrap();
+    let first = look(&regs, &tag(&fake, "prod")).await.unwrap();
     let Observation::Present(known) = first else {
         panic!("expected present")
     };
@@ -272,15 +249,9 @@ async fn a_missing_digest_header_on_head_by_tag_falls_back_to_hashing() {
             body: body.clone(),
         },
     );
-    let o = observe(
-        &registries(&fake, Auth::Anonymous),
-        &tag(&fake, "prod"),
-        None,
-        false,
-        Default::default(),
-    )
-    .await
-    .unwrap();
+    let o = look(&registries(&fake, Auth::Anonymous), &tag(&fake, "prod"))
+        .await
+        .unwrap();
     assert_eq!(o.digest().unwrap().as_str(), sha256_digest(&body));
 }
 
@@ -293,12 +264,8 @@ async fn bearer_tokens_are_cached_and_renewed_after_a_401() {
     fake.set("prod", Behavior::serve_manifest("a"));
     let regs = registries(&fake, Auth::Anonymous);
     let r = tag(&fake, "prod");
-    observe(&regs, &r, None, false, Default::default())
-        .await
-        .unwrap();
-    observe(&regs, &r, None, false, Default::default())
-        .await
-        .unwrap();
+    look(&regs, &r).await.unwrap();
+    look(&regs, &r).await.unwrap();
     assert_eq!(
         fake.token_requests().len(),
         1,
@@ -311,9 +278,7 @@ async fn bearer_tokens_are_cached_and_renewed_after_a_401() {
 
     // A token the registry stops accepting is replaced once, transparently.
     fake.revoke_tokens();
-    observe(&regs, &r, None, false, Default::default())
-        .await
-        .unwrap();
+    look(&regs, &r).await.unwrap();
     assert_eq!(fake.token_requests().len(), 2);
 }
 
@@ -332,28 +297,16 @@ async fn basic_credentials_are_sent_when_the_registry_asks() {
         username: "u".into(),
         password: "p".to_string().into(),
     };
-    let o = observe(
-        &registries(&fake, auth),
-        &tag(&fake, "prod"),
-        None,
-        false,
-        Default::default(),
-    )
-    .await
-    .unwrap();
+    let o = look(&registries(&fake, auth), &tag(&fake, "prod"))
+        .await
+        .unwrap();
     assert!(matches!(o, Observation::Present(_)));
     let wrong = Auth::Basic {
         username: "u".into(),
         password: "nope".to_string().into(),
     };
-    let e = observe(
-        &registries(&fake, wrong),
-        &tag(&fake, "prod"),
-        None,
-        false,
-        Default::default(),
-    )
-    .await
-    .unwrap_err();
+    let e = look(&registries(&fake, wrong), &tag(&fake, "prod"))
+        .await
+        .unwrap_err();
     assert!(matches!(e, RegistryError::Unauthorized { .. }), "{e}");
 }

@@ -14,6 +14,8 @@ use driftwatch::model::{Digest, Reference};
 use driftwatch::registry::Registries;
 use driftwatch::resolve::referrers;
 use serde_json::{Value, json};
+use support::cli::event_types as types;
+use support::cycles::Cycles;
 use support::oci::{OCI_INDEX, OCI_MANIFEST, PushedManifest};
 use support::{Behavior, FakeRegistry, Pusher, Registry, TestDir};
 
@@ -84,10 +86,6 @@ fn check(dir: &TestDir) -> Vec<Value> {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
-}
-
-fn types(events: &[Value]) -> Vec<&str> {
-    events.iter().map(|e| e["type"].as_str().unwrap()).collect()
 }
 
 #[tokio::test]
@@ -380,10 +378,6 @@ async fn an_unchanged_list_from_the_api_costs_one_conditional_request() {
 
 #[tokio::test]
 async fn an_unchanged_tag_schema_index_costs_one_request_per_check_in_the_daemon() {
-    use driftwatch::config::Config;
-    use driftwatch::cycle::{CycleOptions, run_cycle};
-    use driftwatch::event::DetectedBy;
-
     let registry = Registry::start().await;
     let push = registry.pusher();
     let signed = push.push_image("team/api", Some("prod"), "signed").await;
@@ -397,27 +391,11 @@ async fn an_unchanged_tag_schema_index_costs_one_request_per_check_in_the_daemon
         "[daemon]\nstate = \"state.db\"\n[registries.\"{host}\"]\ninsecure = true\n\
          [[watch]]\nname = \"api\"\nimage = \"{host}/team/api:prod\"\nreferrers = true\n"
     ));
-    let config = Config::load_with_env(&path, &[]).unwrap();
-    let registries = Arc::new(Registries::new(
-        config.registries.clone(),
-        config.daemon.concurrency,
-        config.daemon.request_timeout,
-    ));
-    let store = driftwatch::store::Store::open(&dir.path().join("state.db"))
-        .await
-        .unwrap();
-    let watches: Vec<_> = config.watches.iter().map(|w| w.as_ref()).collect();
-    let options = CycleOptions {
-        route_alerts: false,
-        detected_by: DetectedBy::Poll,
-    };
+    let cycles = Cycles::open(&path, &[]).await;
     let cycle = async || {
-        let before = registries.requests_sent();
-        let report = run_cycle(&config, &registries, &store, &watches, options)
-            .await
-            .unwrap();
+        let (report, requests) = cycles.run().await;
         assert!(report.watches[0].error.is_none(), "{:?}", report.watches);
-        (report, registries.requests_sent() - before)
+        (report, requests)
     };
     let (baseline, _) = cycle().await;
     assert_eq!(baseline.events.len(), 1);

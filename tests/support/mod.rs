@@ -6,6 +6,7 @@
 
 pub mod acr;
 pub mod cli;
+pub mod cycles;
 pub mod fake;
 pub mod oci;
 pub mod otlp;

@@ -48,3 +48,16 @@ pub fn read_log_from(path: &Path, offset: u64) -> String {
     let start = usize::try_from(offset).unwrap_or(0).min(bytes.len());
     String::from_utf8_lossy(&bytes[start..]).into_owned()
 }
+
+/// Polls `probe` every 50 ms until it returns `Some`, for at most `limit`: what a test waits
+/// for is the system's own progress, never a fixed sleep.
+pub async fn until<T>(limit: Duration, what: &str, mut probe: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
