@@ -30,6 +30,17 @@ pub enum Metadata<T> {
     Unavailable(String),
 }
 
+impl<T> Metadata<T> {
+    /// The found value through `f`; the other answers as they are.
+    fn try_map<U, E>(self, f: impl FnOnce(T) -> Result<U, E>) -> Result<Metadata<U>, E> {
+        Ok(match self {
+            Metadata::Found(v) => Metadata::Found(f(v)?),
+            Metadata::NotFound => Metadata::NotFound,
+            Metadata::Unavailable(r) => Metadata::Unavailable(r),
+        })
+    }
+}
+
 /// A tag as `/acr/v1/<repo>/_tags` describes it.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -205,14 +216,10 @@ impl RegistryClient {
         let answer = self
             .metadata_get(&path, repository, "metadata_read", &what)
             .await?;
-        Ok(match answer {
-            Metadata::Found(body) => Metadata::Found(
-                serde_json::from_slice::<TagAnswer>(&body)
-                    .map_err(|e| self.malformed(&what, format!("not a tag answer: {e}")))?
-                    .tag,
-            ),
-            Metadata::NotFound => Metadata::NotFound,
-            Metadata::Unavailable(r) => Metadata::Unavailable(r),
+        answer.try_map(|body| {
+            serde_json::from_slice::<TagAnswer>(&body)
+                .map(|a| a.tag)
+                .map_err(|e| self.malformed(&what, format!("not a tag answer: {e}")))
         })
     }
 
@@ -227,20 +234,15 @@ impl RegistryClient {
         let answer = self
             .metadata_get(&path, repository, "metadata_read", &what)
             .await?;
-        Ok(match answer {
-            Metadata::Found(body) => {
-                let m = serde_json::from_slice::<ManifestAnswer>(&body)
-                    .map_err(|e| self.malformed(&what, format!("not a manifest answer: {e}")))?
-                    .manifest;
-                if m.digest != *digest {
-                    return Err(
-                        self.malformed(&what, format!("the answer describes {} instead", m.digest))
-                    );
-                }
-                Metadata::Found(m)
+        answer.try_map(|body| {
+            let m = serde_json::from_slice::<ManifestAnswer>(&body)
+                .map_err(|e| self.malformed(&what, format!("not a manifest answer: {e}")))?
+                .manifest;
+            if m.digest != *digest {
+                let reason = format!("the answer describes {} instead", m.digest);
+                return Err(self.malformed(&what, reason));
             }
-            Metadata::NotFound => Metadata::NotFound,
-            Metadata::Unavailable(r) => Metadata::Unavailable(r),
+            Ok(m)
         })
     }
 
@@ -391,13 +393,9 @@ impl RegistryClient {
         action: &str,
         what: &str,
     ) -> Result<Metadata<Vec<u8>>, RegistryError> {
-        Ok(
-            match self.metadata_page(path, repository, action, what).await? {
-                Metadata::Found((body, _)) => Metadata::Found(body),
-                Metadata::NotFound => Metadata::NotFound,
-                Metadata::Unavailable(r) => Metadata::Unavailable(r),
-            },
-        )
+        self.metadata_page(path, repository, action, what)
+            .await?
+            .try_map(|(body, _)| Ok(body))
     }
 
     /// One `/acr/v1` GET with a token for `repository:<repo>:<action>`: the body and the
