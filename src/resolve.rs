@@ -194,7 +194,15 @@ async fn observe_acr(
             e
         }
     };
-    let manifest = e.attributes.take().and_then(|a| a.manifest);
+    let mut manifest = e.attributes.take().and_then(|a| a.manifest);
+    // Under an unchanged tag, the manifest's own locks and quarantine are read again now
+    // and then rather than at every check, which would double what a check costs.
+    if known.is_some_and(|k| k.digest == listed.digest)
+        && client.manifest_attributes_due(repo, &listed.digest)
+        && let Metadata::Found(m) = client.acr_manifest(repo, &listed.digest).await?
+    {
+        manifest = Some(m.attributes());
+    }
     e.attributes = Some(RegistryAttributes {
         tag: Some(listed.attributes()),
         manifest,

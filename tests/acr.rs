@@ -387,6 +387,34 @@ async fn a_lock_removed_from_a_production_tag_is_a_warning() {
 }
 
 #[tokio::test]
+async fn a_manifest_lock_under_an_unchanged_tag_is_read_again_when_due() {
+    let acr = AcrDouble::start().await;
+    let (digest, _) = acr.push_image(REPO, "prod", "a");
+    let dir = TestDir::new();
+    let auth = service_principal(&acr);
+    let watch = tag_watch(&acr, "api", "prod");
+    dir.write_config(&config(&acr, &auth, "attributes_refresh = \"0s\"", &watch));
+    check(&dir);
+
+    acr.set_manifest_attributes(REPO, &digest, ChangeableAttributes::locked());
+    let locked = check(&dir);
+    assert_eq!(types(&locked), ["driftwatch.attributes.changed"]);
+    let change = &locked[0]["data"]["detail"]["changes"][0];
+    assert_eq!(change["scope"], "manifest");
+    assert_eq!(change["field"], "deleteEnabled");
+
+    // With the default hourly refresh a one-shot check leaves the manifest alone.
+    dir.write_config(&config(&acr, &auth, "", &watch));
+    acr.set_manifest_attributes(REPO, &digest, ChangeableAttributes::default());
+    let since = Instant::now();
+    assert!(check(&dir).is_empty());
+    assert_eq!(
+        acr.count_since(since, "GET", "/acr/v1/team/api/_manifests"),
+        0
+    );
+}
+
+#[tokio::test]
 async fn without_metadata_read_checks_go_the_generic_way_with_one_warning() {
     let acr = AcrDouble::start().await;
     let (a, _) = acr.push_image(REPO, "prod", "a");

@@ -42,6 +42,9 @@ pub const DEFAULT_JITTER: f64 = 0.5;
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default ACR soft-delete retention, used for purge-time estimates.
 pub const DEFAULT_SOFT_DELETE_RETENTION_DAYS: u32 = 7;
+/// Default interval at which a running daemon re-reads the attributes of the manifest under
+/// an unchanged watched tag.
+pub const DEFAULT_ATTRIBUTES_REFRESH: Duration = Duration::from_secs(3600);
 /// Default lead time of the reminder before a soft-deleted digest's expected purge.
 pub const DEFAULT_SOFT_DELETE_REMINDER: Duration = Duration::from_secs(24 * 3600);
 /// Default window in which an email sink folds events into one mail.
@@ -176,6 +179,10 @@ pub struct RegistrySettings {
     /// How long before the expected purge of a soft-deleted digest a reminder is raised;
     /// `None` raises none. Default [`DEFAULT_SOFT_DELETE_REMINDER`].
     pub soft_delete_reminder: Option<Duration>,
+    /// ACR: how often a tag watch reads the attributes of the manifest under an unchanged
+    /// tag (they are always read when the tag moves); `None` for never. Default
+    /// [`DEFAULT_ATTRIBUTES_REFRESH`].
+    pub attributes_refresh: Option<Duration>,
     /// Whether the registry is an Azure Container Registry: the `/acr/v1` metadata API and
     /// the soft-delete listings are used. From the `acr` key, else a `*.azurecr.*` host or
     /// an Entra auth method.
@@ -191,6 +198,7 @@ impl Default for RegistrySettings {
             ca_file: None,
             soft_delete_retention_days: DEFAULT_SOFT_DELETE_RETENTION_DAYS,
             soft_delete_reminder: Some(DEFAULT_SOFT_DELETE_REMINDER),
+            attributes_refresh: Some(DEFAULT_ATTRIBUTES_REFRESH),
             acr: false,
             auth: Auth::Anonymous,
         }

@@ -38,6 +38,7 @@ pub(crate) struct RawRegistry {
     pub ca_file: Option<String>,
     pub soft_delete_retention_days: Option<i64>,
     pub soft_delete_reminder: Option<String>,
+    pub attributes_refresh: Option<String>,
     pub acr: Option<bool>,
     pub auth: Option<RawAuth>,
 }

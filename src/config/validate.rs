@@ -363,6 +363,15 @@ fn validate_registry(cx: &mut Ctx<'_>, host: &str, r: RawRegistry) -> Option<Reg
         Some("off") => None,
         Some(text) => parse_duration(cx, &at.clone().key("soft_delete_reminder"), text),
     };
+    let attributes_refresh = match r.attributes_refresh.as_deref() {
+        None => Some(DEFAULT_ATTRIBUTES_REFRESH),
+        Some("off") => None,
+        // Zero is meaningful here: at every check.
+        Some(text) if humantime::parse_duration(text).is_ok_and(|d| d.is_zero()) => {
+            Some(Duration::ZERO)
+        }
+        Some(text) => parse_duration(cx, &at.clone().key("attributes_refresh"), text),
+    };
     let auth = match r.auth {
         None => Auth::Anonymous,
         Some(a) => validate_auth(cx, &at.clone().key("auth"), host, a),
@@ -383,6 +392,7 @@ fn validate_registry(cx: &mut Ctx<'_>, host: &str, r: RawRegistry) -> Option<Reg
         ca_file,
         soft_delete_retention_days,
         soft_delete_reminder,
+        attributes_refresh,
         acr,
         auth,
     };

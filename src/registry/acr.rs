@@ -205,6 +205,33 @@ impl RegistryClient {
         }
     }
 
+    /// Whether the attributes of `digest`, the manifest under a watched tag, are due to be
+    /// read again: every `attributes_refresh` in a running process. The first call of a
+    /// process only starts the clock, so that a one-shot `check` does not pay for it.
+    pub fn manifest_attributes_due(&self, repository: &str, digest: &Digest) -> bool {
+        let Some(every) = self.attributes_refresh else {
+            return false;
+        };
+        let now = std::time::Instant::now();
+        let mut read = self
+            .manifest_attributes_read
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let key = (repository.to_string(), digest.clone());
+        match read.get(&key) {
+            Some(at) if now.duration_since(*at) < every => false,
+            Some(_) => {
+                read.insert(key, now);
+                true
+            }
+            None => {
+                read.retain(|_, at| now.duration_since(*at) < every.max(RECHECK_METADATA));
+                read.insert(key, now);
+                every.is_zero()
+            }
+        }
+    }
+
     /// `GET /acr/v1/<repo>/_tags/<tag>`.
     pub async fn acr_tag(
         &self,

@@ -155,6 +155,10 @@ pub struct RegistryClient {
     listing_pages: Mutex<HashMap<String, usize>>,
     /// When each repository last answered that it has no referrers API.
     no_referrers_api: Mutex<HashMap<String, Instant>>,
+    /// How often the manifest under an unchanged watched tag has its attributes read.
+    attributes_refresh: Option<Duration>,
+    /// When each (repository, digest) had its manifest attributes read under a tag.
+    manifest_attributes_read: Mutex<HashMap<(String, Digest), Instant>>,
     /// When each (repository, subject) was last listed for cosign tags.
     cosign_listed: Mutex<HashMap<(String, Digest), Instant>>,
     /// Serialises token fetches so a burst of checks asks for each scope once.
@@ -229,6 +233,8 @@ impl RegistryClient {
             listing_pages: Mutex::new(HashMap::new()),
             no_referrers_api: Mutex::new(HashMap::new()),
             cosign_listed: Mutex::new(HashMap::new()),
+            attributes_refresh: settings.attributes_refresh,
+            manifest_attributes_read: Mutex::new(HashMap::new()),
             token_fetch: tokio::sync::Mutex::new(()),
             limit: Arc::new(Semaphore::new(concurrency.max(1))),
             requests: AtomicU64::new(0),
