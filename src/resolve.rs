@@ -42,7 +42,7 @@ pub async fn observe(
     };
     let mut observation = match acr {
         Some(o) => o,
-        None => observe_manifest(registries, target, known).await?,
+        None => observe_manifest(&client, target, known).await?,
     };
     if let Observation::Absent { soft_delete, .. } = &mut observation
         && client.is_acr()
@@ -61,11 +61,10 @@ pub async fn observe(
 }
 
 async fn observe_manifest(
-    registries: &Registries,
+    client: &RegistryClient,
     target: &Reference,
     known: Option<&ManifestEvidence>,
 ) -> Result<Observation, RegistryError> {
-    let client = registries.client(target.registry())?;
     let repo = target.repository();
     let pinned = target.digest();
     let reference = match (pinned, target.tag()) {
@@ -104,7 +103,7 @@ async fn observe_manifest(
         return Ok(Observation::Present(e));
     }
     // Fetch by digest, not by tag: the tag may move again between the two requests.
-    fetch_by_digest(&client, target, &digest).await
+    fetch_by_digest(client, target, &digest).await
 }
 
 async fn fetch_by_digest(
